@@ -1,0 +1,610 @@
+// Package asynctcp brings cl-async's TCP layer to Go: callback-driven
+// sockets and servers with libevent bufferevent behaviour, over plain
+// net.Conn.
+//
+// A Socket wraps one connection. Its read-cb gets the bytes as they arrive,
+// its write-cb runs each time its output buffer drains, its event-cb gets
+// the conditions (end of file, errors, timeouts) as *Event values of a class
+// hierarchy that errors.Is follows. WriteData never blocks: it copies the
+// bytes into the socket's output buffer, which a writer goroutine drains.
+// Every callback of a socket runs one at a time, in order; with Loop.Serial,
+// every callback of the loop does.
+//
+//	srv, err := asynctcp.Listen("127.0.0.1", 8080,
+//		func(s *asynctcp.Socket, data []byte) { s.WriteData(data) }, // echo
+//		nil) // nil: the loop's event handler
+//	...
+//	asynctcp.DefaultLoop.Wait()
+//
+// # From cl-async
+//
+//	cl-async                        asynctcp
+//	tcp-connect                     Connect (ConnectStream with :stream t)
+//	tcp-send                        Send (deprecated: Connect with Data)
+//	tcp-server                      Listen (ListenStream with :stream t)
+//	close-tcp-server                Server.Close (Server.Shutdown waits too)
+//	socket                          *Socket
+//	socket-c                        Socket.Conn
+//	socket-data                     Socket.Data, Socket.SetData
+//	write-socket-data               Socket.WriteData (OnRead, OnWrite, OnEvent)
+//	set-socket-timeouts             Socket.SetTimeouts
+//	enable-socket                   Socket.Enable
+//	disable-socket                  Socket.Disable
+//	socket-closed-p                 Socket.Closed
+//	close-socket                    Socket.Close (graceful), Socket.Abort
+//	:data :connect-cb :write-cb     Data, OnConnect, OnWrite
+//	:read-timeout :write-timeout    ReadTimeout, WriteTimeout
+//	:dont-drain-read-buffer         DontDrainReadBuffer
+//	:backlog                        Backlog
+//	connection-info                 ErrConnectionInfo
+//	connection-error                ErrConnectionError
+//	tcp-info, tcp-socket            ErrTCPInfo, Event.Socket
+//	tcp-error                       ErrTCPError
+//	tcp-eof                         ErrTCPEOF
+//	tcp-timeout                     ErrTCPTimeout
+//	tcp-refused                     ErrTCPRefused
+//	tcp-accept-error                ErrTCPAcceptError, Event.Server, Event.Listener
+//	socket-closed                   ErrSocketClosed
+//	dns-error                       ErrDNSError
+//	address-in-use                  ErrAddressInUse
+//	event-errcode, event-errmsg     Event.Code, Event.Msg
+//	async-io-stream                 *Stream (NewStream)
+//	with-event-loop                 Loop.Wait
+//	exit-event-loop                 Loop.Exit
+//	*default-event-handler*         Loop.EventHandler
+//	*catch-application-errors*      Loop.CatchAppErrors
+//
+// # Differences from cl-async
+//
+// Close is graceful: it stops reading, flushes the queued output in the
+// background and then closes the connection (Abort drops the output). Each
+// socket's callbacks run on goroutines of that socket, one at a time; two
+// sockets' callbacks may run at once unless the loop is Serial. There is no
+// event loop to start: Connect and Listen work at once, and Loop.Wait plays
+// the part of with-event-loop.
+package asynctcp
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// ReadFunc is a read-cb: it gets the bytes read from the socket. data is a
+// fresh slice that the callee may keep. It is nil where the socket does not
+// drain its input (DontDrainReadBuffer): the bytes wait in the socket's
+// input buffer, to be read with a Stream.
+type ReadFunc func(s *Socket, data []byte)
+
+// StreamFunc is a read-cb in stream mode: it is told that st has bytes to
+// read.
+type StreamFunc func(s *Socket, st *Stream)
+
+// EventFunc is an event-cb: it gets the conditions of a socket or server,
+// as *Event values (or a *PanicError with Loop.CatchAppErrors).
+type EventFunc func(ev error)
+
+// ConnectFunc is a connect-cb: it runs once the connection is up, before
+// any read-cb.
+type ConnectFunc func(s *Socket)
+
+// WriteFunc is a write-cb: it runs each time the socket's output buffer has
+// been drained into the connection.
+type WriteFunc func(s *Socket)
+
+// call names the functions that take options, so that each option can say
+// where it applies.
+type call uint16
+
+const (
+	callConnect call = 1 << iota
+	callConnectStream
+	callListen
+	callListenStream
+	callWriteData
+)
+
+const (
+	connects = callConnect | callConnectStream
+	listens  = callListen | callListenStream
+	sockets  = connects | listens
+)
+
+func (c call) String() string {
+	switch c {
+	case callConnect:
+		return "Connect"
+	case callConnectStream:
+		return "ConnectStream"
+	case callListen:
+		return "Listen"
+	case callListenStream:
+		return "ListenStream"
+	case callWriteData:
+		return "WriteData"
+	}
+	return "call"
+}
+
+// Option is a keyword argument of cl-async: built by Data, OnConnect,
+// OnWrite and the other option functions, and given to Connect, Listen or
+// WriteData. An option given to a call it does not apply to makes the call
+// return an error naming the option.
+type Option struct {
+	name  string
+	where call
+	err   error // a bad value, reported by the call that gets it
+	apply func(*config)
+}
+
+// config gathers what a call's options set.
+type config struct {
+	data         []byte
+	onConnect    ConnectFunc
+	onWrite      WriteFunc
+	onRead       ReadFunc
+	onEvent      EventFunc
+	setWrite     bool // OnWrite was given (nil clears the write-cb)
+	setRead      bool
+	setEvent     bool
+	readTimeout  time.Duration
+	writeTimeout time.Duration
+	dontDrain    bool
+	backlog      int
+	tls          *tls.Config
+	dialer       *net.Dialer
+	inputLimit   int
+}
+
+const defaultInputLimit = 1 << 20
+
+func newConfig(c call, opts []Option) (*config, error) {
+	cfg := &config{backlog: -1, inputLimit: defaultInputLimit}
+	for _, o := range opts {
+		if o.apply == nil {
+			return nil, fmt.Errorf("asynctcp: %s: zero Option (build options with the option functions)", c)
+		}
+		if o.where&c == 0 {
+			return nil, fmt.Errorf("asynctcp: option %s does not apply to %s", o.name, c)
+		}
+		if o.err != nil {
+			return nil, fmt.Errorf("asynctcp: option %s: %w", o.name, o.err)
+		}
+		o.apply(cfg)
+	}
+	return cfg, nil
+}
+
+// Data is cl-async's :data: bytes sent once the connection is up, before
+// anything given to WriteData (Connect, ConnectStream). Several Data
+// options are sent in order. The bytes are copied.
+func Data(p []byte) Option {
+	p = append([]byte(nil), p...)
+	return Option{name: "Data", where: connects, apply: func(c *config) { c.data = append(c.data, p...) }}
+}
+
+// OnConnect is :connect-cb: f runs once the connection is up, before any
+// read-cb (Connect*, Listen*: for each accepted socket).
+func OnConnect(f ConnectFunc) Option {
+	return Option{name: "OnConnect", where: sockets, apply: func(c *config) { c.onConnect = f }}
+}
+
+// OnWrite is :write-cb: f runs each time the output buffer has been drained
+// into the connection (Connect*, Listen*, WriteData: replaces the socket's
+// write-cb; nil removes it).
+func OnWrite(f WriteFunc) Option {
+	return Option{name: "OnWrite", where: sockets | callWriteData, apply: func(c *config) { c.onWrite, c.setWrite = f, true }}
+}
+
+// OnRead replaces the socket's read-cb for every read after WriteData
+// returns (WriteData's :read-cb). nil discards incoming data.
+func OnRead(f ReadFunc) Option {
+	return Option{name: "OnRead", where: callWriteData, apply: func(c *config) { c.onRead, c.setRead = f, true }}
+}
+
+// OnEvent replaces the socket's event-cb for every event after WriteData
+// returns (WriteData's :event-cb). nil hands events to the loop's handler.
+func OnEvent(f EventFunc) Option {
+	return Option{name: "OnEvent", where: callWriteData, apply: func(c *config) { c.onEvent, c.setEvent = f, true }}
+}
+
+// ReadTimeout is :read-timeout: while reading is enabled and nothing
+// arrives for d, the socket gets an ErrTCPTimeout event and is aborted. It
+// also bounds a connect. 0 means none (Connect*; Listen*: for each accepted
+// socket).
+func ReadTimeout(d time.Duration) Option {
+	return Option{name: "ReadTimeout", where: sockets, err: checkTimeout(d), apply: func(c *config) { c.readTimeout = d }}
+}
+
+// WriteTimeout is :write-timeout: while output is queued and no byte can
+// be written for d, the socket gets an ErrTCPTimeout event and is aborted.
+// 0 means none (Connect*; Listen*: for each accepted socket).
+func WriteTimeout(d time.Duration) Option {
+	return Option{name: "WriteTimeout", where: sockets, err: checkTimeout(d), apply: func(c *config) { c.writeTimeout = d }}
+}
+
+func checkTimeout(d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("negative timeout %v", d)
+	}
+	return nil
+}
+
+// DontDrainReadBuffer is :dont-drain-read-buffer t: received bytes stay in
+// the socket's input buffer, to be read through a Stream (NewStream); the
+// read-cb is a notification and gets nil data (Connect, Listen).
+func DontDrainReadBuffer() Option {
+	return Option{name: "DontDrainReadBuffer", where: sockets, apply: func(c *config) { c.dontDrain = true }}
+}
+
+// Backlog is :backlog: the listen(2) backlog of the server's socket. n < 0
+// means the system default (Listen*).
+func Backlog(n int) Option {
+	return Option{name: "Backlog", where: listens, apply: func(c *config) { c.backlog = n }}
+}
+
+// TLS makes the socket a TLS client (Connect*) or the server's sockets TLS
+// servers (Listen*) with cfg.
+func TLS(cfg *tls.Config) Option {
+	var err error
+	if cfg == nil {
+		err = errors.New("nil *tls.Config")
+	}
+	return Option{name: "TLS", where: sockets, err: err, apply: func(c *config) { c.tls = cfg }}
+}
+
+// Dialer makes Connect dial with d: its Resolver, LocalAddr, KeepAlive,
+// Timeout and Control apply (Connect*).
+func Dialer(d *net.Dialer) Option {
+	var err error
+	if d == nil {
+		err = errors.New("nil *net.Dialer")
+	}
+	return Option{name: "Dialer", where: connects, err: err, apply: func(c *config) { c.dialer = d }}
+}
+
+// InputLimit bounds the unread input of a socket in stream mode to n bytes
+// (default 1 MiB): when it is full the socket stops reading until the
+// application reads (Connect*, Listen*).
+func InputLimit(n int) Option {
+	var err error
+	if n <= 0 {
+		err = fmt.Errorf("limit %d is not positive", n)
+	}
+	return Option{name: "InputLimit", where: sockets, err: err, apply: func(c *config) { c.inputLimit = n }}
+}
+
+// Connect opens a TCP connection to host (a name or an address) and port on
+// DefaultLoop; see Loop.Connect.
+func Connect(host string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
+	return DefaultLoop.Connect(host, port, read, event, opts...)
+}
+
+// ConnectStream is Connect in stream mode on DefaultLoop; see
+// Loop.ConnectStream.
+func ConnectStream(host string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Stream, error) {
+	return DefaultLoop.ConnectStream(host, port, read, event, opts...)
+}
+
+// Send is tcp-send: Connect with data sent first.
+//
+// Deprecated: use Connect with Data.
+func Send(host string, port int, data []byte, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
+	return DefaultLoop.Send(host, port, data, read, event, opts...)
+}
+
+// Listen starts a TCP server on DefaultLoop; see Loop.Listen.
+func Listen(bindAddress string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return DefaultLoop.Listen(bindAddress, port, read, event, opts...)
+}
+
+// ListenStream starts a TCP server in stream mode on DefaultLoop; see
+// Loop.ListenStream.
+func ListenStream(bindAddress string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return DefaultLoop.ListenStream(bindAddress, port, read, event, opts...)
+}
+
+// Loop plays the part of cl-async's event loop: it owns sockets and
+// servers, holds the default event handler and the loop-wide settings, and
+// Wait returns once all of them are closed. The zero value is ready to use;
+// set the fields before the loop's first socket or server.
+type Loop struct {
+	// EventHandler is *default-event-handler*: it gets the events of
+	// sockets and servers whose event-cb is nil. Where it is nil too,
+	// error-class events are logged on Logger and info-class events
+	// (tcp-eof) are dropped.
+	EventHandler EventFunc
+	// CatchAppErrors is *catch-application-errors*: a panic in a callback
+	// is recovered and passed as a *PanicError to the socket's event-cb,
+	// and the socket is aborted. Off, the panic propagates.
+	CatchAppErrors bool
+	// Serial makes every callback of the loop's sockets and servers run
+	// one at a time, as on cl-async's single-threaded loop.
+	Serial bool
+	// Logger logs the events no callback takes; nil means slog.Default().
+	Logger *slog.Logger
+
+	mu      sync.Mutex
+	sockets map[*Socket]struct{}
+	servers map[*Server]struct{}
+	idle    chan struct{} // closed when the last socket or server ends
+	exitErr error
+	serial  sync.Mutex // held around each callback when Serial
+}
+
+// DefaultLoop is the loop of the package-level functions.
+var DefaultLoop = &Loop{}
+
+// Stats counts a loop's open sockets and servers.
+type Stats struct {
+	Incoming int // sockets accepted by a server, open
+	Outgoing int // sockets made by Connect, open (connecting included)
+	Servers  int // servers open
+}
+
+// Stats returns the numbers of the loop's open sockets and servers. A
+// socket counts until its connection is closed and its goroutines ended.
+func (l *Loop) Stats() Stats {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st := Stats{Servers: len(l.servers)}
+	for s := range l.sockets {
+		if s.server != nil {
+			st.Incoming++
+		} else {
+			st.Outgoing++
+		}
+	}
+	return st
+}
+
+// Wait blocks until the loop has no open socket or server, and returns nil,
+// or the value given to Exit if Exit ended them. It returns at once if the
+// loop has nothing open. When it returns, the goroutines of every socket
+// and server of the loop have ended.
+func (l *Loop) Wait() error {
+	l.mu.Lock()
+	for len(l.sockets)+len(l.servers) > 0 {
+		if l.idle == nil {
+			l.idle = make(chan struct{})
+		}
+		idle := l.idle
+		l.mu.Unlock()
+		<-idle
+		l.mu.Lock()
+	}
+	err := l.exitErr
+	l.mu.Unlock()
+	return err
+}
+
+// Exit is exit-event-loop: it aborts every socket of the loop (no event
+// reaches their callbacks) and closes every server; Wait returns err once
+// they have ended. The loop may be used again after.
+func (l *Loop) Exit(err error) {
+	l.mu.Lock()
+	l.exitErr = err
+	socks := make([]*Socket, 0, len(l.sockets))
+	for s := range l.sockets {
+		socks = append(socks, s)
+	}
+	srvs := make([]*Server, 0, len(l.servers))
+	for srv := range l.servers {
+		srvs = append(srvs, srv)
+	}
+	l.mu.Unlock()
+	for _, srv := range srvs {
+		srv.Close()
+	}
+	for _, s := range socks {
+		s.Abort()
+	}
+}
+
+// addSocket and the other three keep the loop's books; the first thing
+// opened after the loop was idle clears a previous Exit's value.
+func (l *Loop) addSocket(s *Socket) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.wake()
+	if l.sockets == nil {
+		l.sockets = make(map[*Socket]struct{})
+	}
+	l.sockets[s] = struct{}{}
+}
+
+func (l *Loop) addServer(srv *Server) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.wake()
+	if l.servers == nil {
+		l.servers = make(map[*Server]struct{})
+	}
+	l.servers[srv] = struct{}{}
+}
+
+// wake forgets an Exit value once the loop, idle again, gets new work.
+func (l *Loop) wake() {
+	if len(l.sockets)+len(l.servers) == 0 {
+		l.exitErr = nil
+	}
+}
+
+func (l *Loop) removeSocket(s *Socket) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.sockets, s)
+	l.settle()
+}
+
+func (l *Loop) removeServer(srv *Server) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.servers, srv)
+	l.settle()
+}
+
+func (l *Loop) settle() {
+	if len(l.sockets)+len(l.servers) == 0 && l.idle != nil {
+		close(l.idle)
+		l.idle = nil
+	}
+}
+
+// run calls a user callback under the loop's rules: one at a time with
+// Serial, and with CatchAppErrors the panic comes back as a *PanicError.
+func (l *Loop) run(f func(), s *Socket) (pe *PanicError) {
+	if l.Serial {
+		l.serial.Lock()
+		defer l.serial.Unlock()
+	}
+	if l.CatchAppErrors {
+		defer func() {
+			if v := recover(); v != nil {
+				pe = newPanicError(v, s)
+			}
+		}()
+	}
+	f()
+	return nil
+}
+
+// handle gives ev to the loop's EventHandler, or logs it when there is none
+// and ev is of the error class. A panic in the handler is logged.
+func (l *Loop) handle(ev error) {
+	if h := l.EventHandler; h != nil {
+		if pe := l.run(func() { h(ev) }, socketOf(ev)); pe != nil {
+			l.log(pe)
+		}
+		return
+	}
+	l.log(ev)
+}
+
+func (l *Loop) log(ev error) {
+	var pe *PanicError
+	if errors.As(ev, &pe) {
+		l.logger().Error("asynctcp: callback panicked", "panic", pe.Value, "stack", string(pe.Stack))
+		return
+	}
+	if errors.Is(ev, ErrConnectionError) {
+		l.logger().Error("asynctcp: unhandled event", "event", ev)
+	}
+}
+
+func (l *Loop) logger() *slog.Logger {
+	if l.Logger != nil {
+		return l.Logger
+	}
+	return slog.Default()
+}
+
+func socketOf(ev error) *Socket {
+	var e *Event
+	if errors.As(ev, &e) {
+		return e.Socket
+	}
+	var pe *PanicError
+	if errors.As(ev, &pe) {
+		return pe.Socket
+	}
+	return nil
+}
+
+// Connect is tcp-connect: it opens a TCP connection to host (a name or an
+// address) and port, and returns at once; the lookup and the connect run
+// in the background. The connect-cb (OnConnect) runs once the connection is
+// up, read gets what arrives, event gets the conditions (nil: the loop's
+// EventHandler). Writes before the connection is up are queued.
+func (l *Loop) Connect(host string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
+	return l.connect(callConnect, host, port, read, nil, event, opts)
+}
+
+// ConnectStream is tcp-connect with :stream t: Connect whose socket keeps
+// its input in a buffer, read through the returned Stream; read is told
+// when bytes arrive.
+func (l *Loop) ConnectStream(host string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Stream, error) {
+	s, err := l.connect(callConnectStream, host, port, nil, read, event, opts)
+	if err != nil {
+		return nil, err
+	}
+	return s.stream, nil
+}
+
+// Send is tcp-send: Connect with data sent first.
+//
+// Deprecated: use Connect with Data.
+func (l *Loop) Send(host string, port int, data []byte, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
+	return l.Connect(host, port, read, event, append([]Option{Data(data)}, opts...)...)
+}
+
+func (l *Loop) connect(c call, host string, port int, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Socket, error) {
+	if l == nil {
+		return nil, errors.New("asynctcp: nil *Loop")
+	}
+	if port < 1 || port > 65535 {
+		return nil, fmt.Errorf("asynctcp: %s: port %d is outside 1-65535", c, port)
+	}
+	cfg, err := newConfig(c, opts)
+	if err != nil {
+		return nil, err
+	}
+	if c == callConnectStream || cfg.dontDrain {
+		return nil, errStreamsNotYet
+	}
+	s := newSocket(l, nil, cfg, read, sread, event, c == callConnectStream)
+	s.start(dialer(cfg.dialer, net.JoinHostPort(host, strconv.Itoa(port)), host, cfg.tls))
+	return s, nil
+}
+
+// Listen is tcp-server: it binds bindAddress ("" is 0.0.0.0) and port (0
+// picks a free one, see Server.Addr) and accepts connections in the
+// background. Each accepted socket gets read, event and the options
+// (OnConnect, OnWrite, timeouts...). A bind failure is returned at once,
+// as an *Event (ErrAddressInUse for EADDRINUSE).
+func (l *Loop) Listen(bindAddress string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return l.listen(callListen, bindAddress, port, read, nil, event, opts)
+}
+
+// ListenStream is tcp-server in stream mode: each accepted socket keeps
+// its input in a buffer, read through a Stream; read is told when bytes
+// arrive.
+func (l *Loop) ListenStream(bindAddress string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return l.listen(callListenStream, bindAddress, port, nil, read, event, opts)
+}
+
+func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Server, error) {
+	if l == nil {
+		return nil, errors.New("asynctcp: nil *Loop")
+	}
+	if port < 0 || port > 65535 {
+		return nil, fmt.Errorf("asynctcp: %s: port %d is outside 0-65535", c, port)
+	}
+	cfg, err := newConfig(c, opts)
+	if err != nil {
+		return nil, err
+	}
+	if c == callListenStream || cfg.dontDrain {
+		return nil, errStreamsNotYet
+	}
+	if bindAddress == "" {
+		bindAddress = "0.0.0.0"
+	}
+	ln, err := (&net.ListenConfig{}).Listen(context.Background(), "tcp", net.JoinHostPort(bindAddress, strconv.Itoa(port)))
+	if err != nil {
+		return nil, newEvent(nil, err)
+	}
+	if cfg.backlog >= 0 {
+		if err := setBacklog(ln, cfg.backlog); err != nil {
+			ln.Close()
+			return nil, newEvent(nil, err)
+		}
+	}
+	return serve(l, ln, cfg, read, sread, event, c == callListenStream), nil
+}

@@ -1,0 +1,763 @@
+package asynctcp
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+)
+
+// Events names the directions of a socket for Enable and Disable.
+type Events uint8
+
+// The directions of a socket.
+const (
+	EvRead Events = 1 << iota // reading from the connection
+	EvWrite                   // writing queued output to the connection
+)
+
+func (ev Events) String() string {
+	switch ev {
+	case EvRead:
+		return "EvRead"
+	case EvWrite:
+		return "EvWrite"
+	case EvRead | EvWrite:
+		return "EvRead|EvWrite"
+	}
+	return fmt.Sprintf("Events(%d)", uint8(ev))
+}
+
+// state is where a socket is in its life.
+type state uint8
+
+const (
+	connecting state = iota // dialing (or handshaking)
+	open                    // reading and writing
+	flushing                // closed gracefully: writing what is queued, then closing
+	dead                    // the connection is closed (or never came up)
+)
+
+// readBufSize is the most one read takes from the connection.
+const readBufSize = 32 << 10
+
+var errNilSocket = errors.New("asynctcp: nil *Socket")
+
+// Socket is cl-async's socket: one connection with a reader goroutine, a
+// writer goroutine draining its output buffer, and a queue on which its
+// callbacks run one at a time. Its methods are safe to call from any
+// goroutine, inside or outside its callbacks.
+type Socket struct {
+	loop   *Loop
+	server *Server // the server that accepted it; nil for Connect
+	grp    errgroup.Group
+	stream *Stream // the view given to stream-mode callbacks
+
+	mu        sync.Mutex
+	rcond     sync.Cond // the reader waits here while reading is disabled
+	wcond     sync.Cond // the writer waits here for output
+	state     state
+	closed    bool // Close or Abort was called, or the socket closed after its event
+	failed    bool // an EOF or error event was dispatched (rule 6)
+	conn      net.Conn
+	data      any
+	read      ReadFunc
+	sread     StreamFunc
+	event     EventFunc
+	write     WriteFunc
+	connectCb ConnectFunc
+	streaming bool // stream mode: input stays in the input buffer
+	enabled   Events
+	rgen      uint64 // bumped where the read deadline is lifted under the reader
+	wgen      uint64 // likewise for the write deadline
+	rtimeout  time.Duration
+	wtimeout  time.Duration
+	out       [][]byte // queued output, oldest first
+	outLen    int      // bytes queued, including those being written
+	wgone     bool // the writer ended on an error
+	ctx       context.Context
+	cancel    context.CancelFunc // stops a dial or handshake
+
+	qmu      sync.Mutex
+	queue    []func() // callbacks waiting to run
+	draining bool     // a goroutine is running the queue
+	readDone chan bool
+}
+
+func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFunc, event EventFunc, streaming bool) *Socket {
+	s := &Socket{
+		loop:      l,
+		server:    srv,
+		read:      read,
+		sread:     sread,
+		event:     event,
+		write:     cfg.onWrite,
+		connectCb: cfg.onConnect,
+		streaming: streaming || cfg.dontDrain,
+		enabled:   EvRead | EvWrite,
+		rtimeout:  cfg.readTimeout,
+		wtimeout:  cfg.writeTimeout,
+		readDone:  make(chan bool, 1),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.rcond.L = &s.mu
+	s.wcond.L = &s.mu
+	if s.streaming {
+		s.stream = &Stream{s: s}
+	}
+	if len(cfg.data) > 0 {
+		s.out = [][]byte{cfg.data}
+		s.outLen = len(cfg.data)
+	}
+	l.addSocket(s)
+	return s
+}
+
+// start brings the socket up in the background with connect (a dial, or
+// a TLS handshake on an accepted conn), bounded by the connect timeout and
+// cancelled by Abort, then runs it.
+func (s *Socket) start(connect func(ctx context.Context) (net.Conn, error)) {
+	s.grp.Go(func() error {
+		ctx := s.ctx
+		if t := s.connectTimeout(); t > 0 {
+			var stop context.CancelFunc
+			ctx, stop = context.WithTimeout(ctx, t)
+			defer stop()
+		}
+		conn, err := connect(ctx)
+		if err != nil {
+			s.fail(err)
+			return err
+		}
+		return s.run(conn)
+	})
+}
+
+// dialer dials addr with d, then runs the TLS client handshake where one is
+// configured.
+func dialer(d *net.Dialer, addr, host string, cfg *tls.Config) func(context.Context) (net.Conn, error) {
+	if d == nil {
+		d = &net.Dialer{}
+	}
+	return func(ctx context.Context) (net.Conn, error) {
+		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil || cfg == nil {
+			return conn, err
+		}
+		if cfg.ServerName == "" {
+			cfg = cfg.Clone()
+			cfg.ServerName = host
+		}
+		return handshake(ctx, tls.Client(conn, cfg))
+	}
+}
+
+func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
+	if err := tc.HandshakeContext(ctx); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// run drives a connected socket: it runs the connect-cb, starts the writer
+// and becomes the reader.
+func (s *Socket) run(conn net.Conn) error {
+	s.mu.Lock()
+	if s.state == dead {
+		s.mu.Unlock()
+		conn.Close()
+		return nil
+	}
+	s.conn = conn
+	s.cancel() // the connect is over: release its context
+	if s.state == flushing { // closed while connecting: just flush
+		s.mu.Unlock()
+		s.grp.Go(s.writeLoop)
+		return nil
+	}
+	s.state = open
+	s.mu.Unlock()
+	s.grp.Go(s.writeLoop)
+	s.dispatch(s.connected)
+	return s.readLoop(conn)
+}
+
+func (s *Socket) connected() {
+	s.mu.Lock()
+	cb := s.connectCb
+	skip := s.closed
+	s.mu.Unlock()
+	if skip || cb == nil {
+		return
+	}
+	s.invoke(func() { cb(s) })
+}
+
+// readLoop reads the connection until it fails or the socket stops reading.
+// Each chunk goes to the read-cb before the next read, so a slow callback
+// slows the peer, not memory.
+func (s *Socket) readLoop(conn net.Conn) error {
+	buf := make([]byte, readBufSize)
+	for {
+		gen, ok := s.beforeRead(conn)
+		if !ok {
+			return nil
+		}
+		n, err := conn.Read(buf)
+		if n > 0 {
+			data := make([]byte, n) // fresh: the read-cb may keep it (rule 3)
+			copy(data, buf[:n])
+			if !s.deliver(data) {
+				return nil
+			}
+		}
+		if err == nil {
+			continue
+		}
+		if !s.readFailed(err, gen) {
+			continue
+		}
+		return nil
+	}
+}
+
+// beforeRead waits while reading is disabled, then arms the read timeout.
+// It reports false once the socket no longer reads.
+func (s *Socket) beforeRead(conn net.Conn) (uint64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.state == open && s.enabled&EvRead == 0 {
+		s.rcond.Wait()
+	}
+	if s.state != open {
+		return 0, false
+	}
+	s.armRead()
+	return s.rgen, true
+}
+
+// readFailed handles a read error. It reports whether the reader is done.
+func (s *Socket) readFailed(err error, gen uint64) bool {
+	s.mu.Lock()
+	if s.state != open {
+		s.mu.Unlock()
+		return true // we closed it: no event
+	}
+	if isTimeout(err) && !s.readTimedOut(gen) {
+		// The deadline was moved under the read (Disable, SetTimeouts):
+		// not a timeout of this socket.
+		s.mu.Unlock()
+		return false
+	}
+	s.mu.Unlock()
+	s.fail(err)
+	return true
+}
+
+// deliver hands data to the read-cb, waiting while reading is disabled. It
+// reports false once the socket no longer reads.
+func (s *Socket) deliver(data []byte) bool {
+	for {
+		s.mu.Lock()
+		for s.state == open && s.enabled&EvRead == 0 {
+			s.rcond.Wait()
+		}
+		if s.state != open {
+			s.mu.Unlock()
+			return false
+		}
+		s.mu.Unlock()
+		if s.dispatchRead(data) {
+			return true
+		}
+	}
+}
+
+// dispatchRead runs the read-cb on the dispatch queue and waits for it. It
+// reports false where reading was disabled before the callback started:
+// the data is then still the reader's.
+func (s *Socket) dispatchRead(data []byte) bool {
+	s.dispatch(func() { s.readDone <- s.readCallback(data) })
+	return <-s.readDone
+}
+
+// readCallback runs the read-cb with data, unless the socket is closed (the
+// data is dropped) or reading was disabled (it reports false).
+func (s *Socket) readCallback(data []byte) bool {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return true
+	}
+	if s.enabled&EvRead == 0 {
+		s.mu.Unlock()
+		return false
+	}
+	cb := s.read
+	s.mu.Unlock()
+	if cb != nil {
+		s.invoke(func() { cb(s, data) })
+	}
+	return true
+}
+
+// writeLoop drains the output buffer into the connection. After a graceful
+// Close it writes what is queued, then closes the connection.
+func (s *Socket) writeLoop() error {
+	for {
+		s.mu.Lock()
+		for s.state != dead && !(s.state == flushing && len(s.out) == 0) &&
+			(len(s.out) == 0 || (s.enabled&EvWrite == 0 && s.state != flushing)) {
+			s.wcond.Wait()
+		}
+		switch {
+		case s.state == dead:
+			s.mu.Unlock()
+			return nil
+		case len(s.out) == 0: // flushing and done
+			s.die()
+			s.mu.Unlock()
+			return nil
+		}
+		bufs := s.out
+		s.out = nil
+		conn := s.conn
+		s.mu.Unlock()
+
+		n, err := s.writeOut(conn, bufs)
+
+		s.mu.Lock()
+		s.outLen -= n
+		drained := err == nil && s.outLen == 0
+		if err != nil {
+			s.wgone = true
+			s.out, s.outLen = nil, 0
+		}
+		s.mu.Unlock()
+		if err != nil {
+			s.fail(err)
+			return err
+		}
+		if drained {
+			s.dispatch(s.drained)
+		}
+	}
+}
+
+func (s *Socket) drained() {
+	s.mu.Lock()
+	cb := s.write
+	skip := s.closed
+	s.mu.Unlock()
+	if skip || cb == nil {
+		return
+	}
+	s.invoke(func() { cb(s) })
+}
+
+// fail ends the socket with err: the event-cb gets it (once: rule 6), then
+// the socket closes, gracefully after an EOF, at once otherwise. Where the
+// application closed the socket already, there is no event: a failed dial
+// or flush just ends it.
+func (s *Socket) fail(err error) {
+	s.mu.Lock()
+	if s.closed {
+		s.die()
+		s.mu.Unlock()
+		return
+	}
+	if s.failed {
+		s.mu.Unlock()
+		return
+	}
+	s.failed = true
+	s.mu.Unlock()
+	ev := newEvent(s, err)
+	s.dispatch(func() {
+		s.emit(ev)
+		s.shut(ev.Class != ErrTCPEOF || ev.Code != -1) // a reset is aborted
+	})
+}
+
+// emit gives ev to the socket's event-cb, or the loop's handler. A panic in
+// the event-cb goes to the loop's handler, never back to the event-cb.
+func (s *Socket) emit(ev error) {
+	s.mu.Lock()
+	cb := s.event
+	skip := s.closed
+	s.mu.Unlock()
+	if skip {
+		return
+	}
+	if cb == nil {
+		s.loop.handle(ev)
+		return
+	}
+	if pe := s.loop.run(func() { cb(ev) }, s); pe != nil {
+		s.loop.handle(pe)
+	}
+}
+
+// invoke runs a read, write or connect callback. A recovered panic
+// (CatchAppErrors) goes to the event-cb, and the socket is aborted.
+func (s *Socket) invoke(f func()) {
+	pe := s.loop.run(f, s)
+	if pe == nil {
+		return
+	}
+	s.mu.Lock()
+	first := !s.failed
+	s.failed = true
+	s.mu.Unlock()
+	if first {
+		s.emit(pe)
+	} else {
+		s.loop.handle(pe)
+	}
+	s.shut(true)
+}
+
+// dispatch adds f to the socket's callback queue. If no goroutine is
+// running the queue, the caller runs it, f first. Only the socket's own
+// goroutines dispatch, so a callback never runs on an application's
+// goroutine.
+func (s *Socket) dispatch(f func()) {
+	s.qmu.Lock()
+	s.queue = append(s.queue, f)
+	if s.draining {
+		s.qmu.Unlock()
+		return
+	}
+	s.draining = true
+	s.qmu.Unlock()
+	s.drain()
+}
+
+func (s *Socket) drain() {
+	for {
+		s.qmu.Lock()
+		if len(s.queue) == 0 {
+			s.draining = false
+			s.queue = s.queue[:0]
+			s.qmu.Unlock()
+			return
+		}
+		f := s.queue[0]
+		s.queue[0] = nil
+		s.queue = s.queue[1:]
+		s.qmu.Unlock()
+		f()
+	}
+}
+
+// shut closes the socket from inside: gracefully (flush first) or not.
+// Where the application closed it already, shut leaves it as it is.
+func (s *Socket) shut(abort bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		if abort && s.state != dead {
+			s.die()
+		}
+		return
+	}
+	s.closed = true
+	if abort {
+		s.die()
+		return
+	}
+	s.beginFlush()
+}
+
+// beginFlush stops reading and lets the writer flush, then close. s.mu is
+// held.
+func (s *Socket) beginFlush() {
+	switch s.state {
+	case connecting:
+		if s.outLen == 0 {
+			s.die()
+			return
+		}
+		s.state = flushing
+	case open:
+		if s.wgone {
+			s.die()
+			return
+		}
+		s.state = flushing
+		s.conn.SetReadDeadline(aLongTimeAgo) // wake the reader
+		s.armFlush()
+		s.rcond.Broadcast()
+		s.wcond.Broadcast()
+	}
+}
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+// die closes the connection at once and lets every goroutine of the socket
+// end; once they have, the socket leaves its loop and server. s.mu is held.
+func (s *Socket) die() {
+	if s.state == dead {
+		return
+	}
+	s.state = dead
+	s.out, s.outLen = nil, 0
+	if s.cancel != nil {
+		s.cancel()
+	}
+	if s.conn != nil {
+		s.conn.Close()
+	}
+	s.rcond.Broadcast()
+	s.wcond.Broadcast()
+	go s.finish()
+}
+
+func (s *Socket) finish() {
+	s.grp.Wait()
+	if s.server != nil {
+		s.server.forget(s)
+	}
+	s.loop.removeSocket(s)
+}
+
+// Conn is socket-c: the connection, or nil while connecting.
+func (s *Socket) Conn() net.Conn {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conn
+}
+
+// Data is socket-data: the value stored with SetData.
+func (s *Socket) Data() any {
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.data
+}
+
+// SetData sets socket-data: any value the application keeps with the
+// socket, such as the other end of a proxy.
+func (s *Socket) SetData(v any) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	s.data = v
+	s.mu.Unlock()
+}
+
+// WriteData is write-socket-data: it copies data into the output buffer and
+// returns at once; the writer sends it in order, after what was queued
+// before. OnRead, OnWrite and OnEvent replace the socket's callbacks for
+// every event dispatched after WriteData returns. On a closed socket it
+// returns an ErrSocketClosed event and queues nothing.
+func (s *Socket) WriteData(data []byte, opts ...Option) error {
+	if s == nil {
+		return errNilSocket
+	}
+	var cfg *config
+	if len(opts) > 0 {
+		var err error
+		if cfg, err = newConfig(callWriteData, opts); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return closedError(s)
+	}
+	if cfg != nil {
+		s.override(cfg)
+	}
+	s.enqueue(data)
+	return nil
+}
+
+func (s *Socket) override(cfg *config) {
+	if cfg.setRead {
+		s.read = cfg.onRead
+	}
+	if cfg.setWrite {
+		s.write = cfg.onWrite
+	}
+	if cfg.setEvent {
+		s.event = cfg.onEvent
+	}
+}
+
+// enqueue copies p into the output buffer. s.mu is held.
+func (s *Socket) enqueue(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	if n := len(s.out); n > 0 && cap(s.out[n-1])-len(s.out[n-1]) >= len(p) {
+		s.out[n-1] = append(s.out[n-1], p...)
+	} else {
+		s.out = append(s.out, append(make([]byte, 0, max(len(p), 512)), p...))
+	}
+	if s.outLen == 0 {
+		s.wcond.Signal()
+	}
+	s.outLen += len(p)
+}
+
+// Write is io.Writer: WriteData(p), returning len(p).
+func (s *Socket) Write(p []byte) (int, error) {
+	if err := s.WriteData(p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteString is io.StringWriter: WriteData of the string's bytes.
+func (s *Socket) WriteString(str string) (int, error) {
+	if s == nil {
+		return 0, errNilSocket
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return 0, closedError(s)
+	}
+	if len(str) > 0 {
+		s.enqueue([]byte(str))
+	}
+	return len(str), nil
+}
+
+func checkEvents(name string, ev Events) error {
+	if ev&^(EvRead|EvWrite) != 0 {
+		return fmt.Errorf("asynctcp: %s: unknown events %d", name, uint8(ev))
+	}
+	return nil
+}
+
+// Enable is enable-socket: it resumes reading (EvRead) and writing
+// (EvWrite). Enabling an enabled direction does nothing.
+func (s *Socket) Enable(ev Events) error {
+	if s == nil {
+		return errNilSocket
+	}
+	if err := checkEvents("Enable", ev); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return closedError(s)
+	}
+	s.rearm(ev &^ s.enabled)
+	s.enabled |= ev
+	s.rcond.Broadcast()
+	s.wcond.Broadcast()
+	return nil
+}
+
+// Disable is disable-socket: EvRead stops reading from the connection (no
+// read-cb, no read timeout, and TCP flow control slows the peer); EvWrite
+// holds queued output unwritten (and the write timeout) until Enable.
+func (s *Socket) Disable(ev Events) error {
+	if s == nil {
+		return errNilSocket
+	}
+	if err := checkEvents("Disable", ev); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return closedError(s)
+	}
+	s.suspend(ev & s.enabled)
+	s.enabled &^= ev
+	return nil
+}
+
+// Closed is socket-closed-p: true once Close or Abort was called, or the
+// socket closed itself after its EOF or error event.
+func (s *Socket) Closed() bool {
+	if s == nil {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// Close is close-socket, made graceful: it stops reading, and in the
+// background writes what is queued, then closes the connection (bounded by
+// the write timeout, if set). It returns at once; no callback of the socket
+// starts after it. On a closed socket it returns an ErrSocketClosed event.
+func (s *Socket) Close() error {
+	if s == nil {
+		return errNilSocket
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return closedError(s)
+	}
+	s.closed = true
+	s.beginFlush()
+	return nil
+}
+
+// Abort closes the socket at once, dropping queued output. No callback of
+// the socket starts after it. On a closed socket it returns an
+// ErrSocketClosed event (and still ends a flush that Close began).
+func (s *Socket) Abort() error {
+	if s == nil {
+		return errNilSocket
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	wasClosed := s.closed
+	s.closed = true
+	s.die()
+	if wasClosed {
+		return closedError(s)
+	}
+	return nil
+}
+
+// Buffered returns the number of bytes queued for output and not yet
+// written to the connection.
+func (s *Socket) Buffered() int {
+	if s == nil {
+		return 0
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.outLen
+}
+
+// LocalAddr returns the local address of the connection, or nil while
+// connecting.
+func (s *Socket) LocalAddr() net.Addr {
+	if c := s.Conn(); c != nil {
+		return c.LocalAddr()
+	}
+	return nil
+}
+
+// RemoteAddr returns the peer's address, or nil while connecting.
+func (s *Socket) RemoteAddr() net.Addr {
+	if c := s.Conn(); c != nil {
+		return c.RemoteAddr()
+	}
+	return nil
+}
+

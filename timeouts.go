@@ -1,0 +1,162 @@
+package asynctcp
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"time"
+)
+
+// The timeouts of a socket are the deadlines of its conn, armed by the
+// reader before each read and by the writer before each write, and only
+// where a timeout is set, so that an unset timeout costs nothing. A read
+// timeout counts while reading is enabled; a write timeout while output is
+// queued and writing is enabled (or a graceful Close flushes). Where a
+// deadline is lifted under a blocked read or write (Disable, SetTimeouts),
+// a generation counter tells a stale timeout from a real one.
+
+// SetTimeouts is set-socket-timeouts: the read and write timeouts of the
+// socket (see ReadTimeout and WriteTimeout), effective at once. 0 clears
+// one; a negative value is an error.
+func (s *Socket) SetTimeouts(read, write time.Duration) error {
+	if s == nil {
+		return errNilSocket
+	}
+	if read < 0 || write < 0 {
+		return fmt.Errorf("asynctcp: SetTimeouts: negative timeout (read %v, write %v)", read, write)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return closedError(s)
+	}
+	s.rtimeout, s.wtimeout = read, write
+	if s.state != open {
+		return nil // the connect timeout was taken at the start; a flush keeps its deadline
+	}
+	if s.enabled&EvRead != 0 {
+		s.conn.SetReadDeadline(deadline(read))
+	}
+	s.wgen++
+	if s.outLen > 0 && s.enabled&EvWrite != 0 {
+		s.conn.SetWriteDeadline(deadline(write))
+	}
+	return nil
+}
+
+// deadline is d from now, or none for 0.
+func deadline(d time.Duration) time.Time {
+	if d == 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(d)
+}
+
+// connectTimeout is the read timeout, or else the write timeout (rule 9).
+func (s *Socket) connectTimeout() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.rtimeout > 0 {
+		return s.rtimeout
+	}
+	return s.wtimeout
+}
+
+// armRead starts the read timeout for the next read. s.mu is held.
+func (s *Socket) armRead() {
+	if s.rtimeout > 0 {
+		s.conn.SetReadDeadline(time.Now().Add(s.rtimeout))
+	}
+}
+
+// armFlush bounds a graceful Close's flush by the write timeout, even where
+// writing was disabled. s.mu is held.
+func (s *Socket) armFlush() {
+	if s.wtimeout > 0 && s.outLen > 0 {
+		s.conn.SetWriteDeadline(time.Now().Add(s.wtimeout))
+	}
+}
+
+// suspend lifts the timeouts of the directions being disabled. s.mu is
+// held.
+func (s *Socket) suspend(ev Events) {
+	if s.state != open {
+		return
+	}
+	if ev&EvRead != 0 && s.rtimeout > 0 {
+		s.rgen++
+		s.conn.SetReadDeadline(time.Time{})
+	}
+	if ev&EvWrite != 0 && s.wtimeout > 0 {
+		s.wgen++
+		s.conn.SetWriteDeadline(time.Time{})
+	}
+}
+
+// rearm starts the timeouts of the directions being enabled again. s.mu is
+// held.
+func (s *Socket) rearm(ev Events) {
+	if s.state != open {
+		return
+	}
+	if ev&EvRead != 0 {
+		s.armRead()
+	}
+	if ev&EvWrite != 0 && s.wtimeout > 0 && s.outLen > 0 {
+		s.conn.SetWriteDeadline(time.Now().Add(s.wtimeout))
+	}
+}
+
+// writeOut writes bufs to conn, with writev where the conn has it. Under a
+// write timeout each write must make progress within it: a write that
+// times out after some bytes starts the clock again.
+func (s *Socket) writeOut(conn net.Conn, bufs [][]byte) (int, error) {
+	nb := net.Buffers(bufs)
+	total := 0
+	for len(nb) > 0 {
+		gen := s.armWrite()
+		n, err := nb.WriteTo(conn)
+		total += int(n)
+		if err == nil {
+			continue
+		}
+		if !isTimeout(err) || (n == 0 && s.writeTimedOut(gen)) {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// armWrite starts the write timeout for the next write, where it counts.
+func (s *Socket) armWrite() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.wtimeout > 0 && s.writing() {
+		s.conn.SetWriteDeadline(time.Now().Add(s.wtimeout))
+	}
+	return s.wgen
+}
+
+// writeTimedOut tells a real write timeout from a deadline that was lifted
+// under the write.
+func (s *Socket) writeTimedOut(gen uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return gen == s.wgen && s.wtimeout > 0 && s.writing()
+}
+
+// writing reports whether the write timeout counts now. s.mu is held.
+func (s *Socket) writing() bool {
+	return s.enabled&EvWrite != 0 || s.state == flushing
+}
+
+// readTimedOut tells a real read timeout from a deadline that was lifted
+// under the read. s.mu is held.
+func (s *Socket) readTimedOut(gen uint64) bool {
+	return gen == s.rgen && s.rtimeout > 0 && s.enabled&EvRead != 0
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
