@@ -17,8 +17,8 @@ type Events uint8
 
 // The directions of a socket.
 const (
-	EvRead Events = 1 << iota // reading from the connection
-	EvWrite                   // writing queued output to the connection
+	EvRead  Events = 1 << iota // reading from the connection
+	EvWrite                    // writing queued output to the connection
 )
 
 func (ev Events) String() string {
@@ -79,7 +79,7 @@ type Socket struct {
 	wtimeout  time.Duration
 	out       [][]byte // queued output, oldest first
 	outLen    int      // bytes queued, including those being written
-	wgone     bool // the writer ended on an error
+	wgone     bool     // the writer ended on an error
 	ctx       context.Context
 	cancel    context.CancelFunc // stops a dial or handshake
 
@@ -175,7 +175,7 @@ func (s *Socket) run(conn net.Conn) error {
 		return nil
 	}
 	s.conn = conn
-	s.cancel() // the connect is over: release its context
+	s.cancel()               // the connect is over: release its context
 	if s.state == flushing { // closed while connecting: just flush
 		s.mu.Unlock()
 		s.grp.Go(s.writeLoop)
@@ -760,4 +760,3 @@ func (s *Socket) RemoteAddr() net.Addr {
 	}
 	return nil
 }
-
