@@ -390,18 +390,21 @@ func (l *Loop) Wait() error {
 func (l *Loop) Exit(err error) {
 	l.mu.Lock()
 	l.exitErr = err
-	socks := make([]*Socket, 0, len(l.sockets))
-	for s := range l.sockets {
-		socks = append(socks, s)
-	}
 	srvs := make([]*Server, 0, len(l.servers))
 	for srv := range l.servers {
 		srvs = append(srvs, srv)
 	}
 	l.mu.Unlock()
+	// Servers first, so that none accepts a socket the aborts would miss.
 	for _, srv := range srvs {
 		srv.Close()
 	}
+	l.mu.Lock()
+	socks := make([]*Socket, 0, len(l.sockets))
+	for s := range l.sockets {
+		socks = append(socks, s)
+	}
+	l.mu.Unlock()
 	for _, s := range socks {
 		s.Abort()
 	}
@@ -555,9 +558,6 @@ func (l *Loop) connect(c call, host string, port int, read ReadFunc, sread Strea
 	if err != nil {
 		return nil, err
 	}
-	if c == callConnectStream || cfg.dontDrain {
-		return nil, errStreamsNotYet
-	}
 	s := newSocket(l, nil, cfg, read, sread, event, c == callConnectStream)
 	s.start(dialer(cfg.dialer, net.JoinHostPort(host, strconv.Itoa(port)), host, cfg.tls))
 	return s, nil
@@ -589,9 +589,6 @@ func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread
 	cfg, err := newConfig(c, opts)
 	if err != nil {
 		return nil, err
-	}
-	if c == callListenStream || cfg.dontDrain {
-		return nil, errStreamsNotYet
 	}
 	if bindAddress == "" {
 		bindAddress = "0.0.0.0"

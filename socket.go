@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -58,30 +59,37 @@ type Socket struct {
 	grp    errgroup.Group
 	stream *Stream // the view given to stream-mode callbacks
 
-	mu        sync.Mutex
-	rcond     sync.Cond // the reader waits here while reading is disabled
-	wcond     sync.Cond // the writer waits here for output
-	state     state
-	closed    bool // Close or Abort was called, or the socket closed after its event
-	failed    bool // an EOF or error event was dispatched (rule 6)
-	conn      net.Conn
-	data      any
-	read      ReadFunc
-	sread     StreamFunc
-	event     EventFunc
-	write     WriteFunc
-	connectCb ConnectFunc
-	streaming bool // stream mode: input stays in the input buffer
-	enabled   Events
-	rgen      uint64 // bumped where the read deadline is lifted under the reader
-	wgen      uint64 // likewise for the write deadline
-	rtimeout  time.Duration
-	wtimeout  time.Duration
-	out       [][]byte // queued output, oldest first
-	outLen    int      // bytes queued, including those being written
-	wgone     bool     // the writer ended on an error
-	ctx       context.Context
-	cancel    context.CancelFunc // stops a dial or handshake
+	mu         sync.Mutex
+	rcond      sync.Cond // the reader waits here while reading is disabled
+	wcond      sync.Cond // the writer waits here for output
+	state      state
+	closed     bool // Close or Abort was called, or the socket closed after its event
+	failed     bool // an EOF or error event was dispatched (rule 6)
+	conn       net.Conn
+	data       any
+	read       ReadFunc
+	sread      StreamFunc
+	event      EventFunc
+	write      WriteFunc
+	connectCb  ConnectFunc
+	streaming  bool // stream mode: input stays in the input buffer
+	enabled    Events
+	rgen       uint64 // bumped where the read deadline is lifted under the reader
+	wgen       uint64 // likewise for the write deadline
+	rtimeout   time.Duration
+	wtimeout   time.Duration
+	out        [][]byte // queued output, oldest first
+	outLen     int      // bytes queued, including those being written
+	wgone      bool     // the writer ended on an error
+	selfClosed bool     // closed by asynctcp after an event, not by the application
+	rerr       error    // what reads return once the input is drained: io.EOF or the event
+	in         []byte   // stream mode: received bytes not yet read
+	inLimit    int
+	inWait     chan struct{} // closed when input, EOF or an error arrives
+	outWait    chan struct{} // closed when output is written or the socket ends
+	notifying  bool          // a stream notification is queued and has not started
+	ctx        context.Context
+	cancel     context.CancelFunc // stops a dial or handshake
 
 	qmu      sync.Mutex
 	queue    []func() // callbacks waiting to run
@@ -99,6 +107,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		write:     cfg.onWrite,
 		connectCb: cfg.onConnect,
 		streaming: streaming || cfg.dontDrain,
+		inLimit:   cfg.inputLimit,
 		enabled:   EvRead | EvWrite,
 		rtimeout:  cfg.readTimeout,
 		wtimeout:  cfg.writeTimeout,
@@ -108,7 +117,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 	s.rcond.L = &s.mu
 	s.wcond.L = &s.mu
 	if s.streaming {
-		s.stream = &Stream{s: s}
+		s.stream = NewStream(s)
 	}
 	if len(cfg.data) > 0 {
 		s.out = [][]byte{cfg.data}
@@ -131,7 +140,7 @@ func (s *Socket) start(connect func(ctx context.Context) (net.Conn, error)) {
 		}
 		conn, err := connect(ctx)
 		if err != nil {
-			s.fail(err)
+			s.fail(err, true)
 			return err
 		}
 		return s.run(conn)
@@ -184,7 +193,9 @@ func (s *Socket) run(conn net.Conn) error {
 	s.state = open
 	s.mu.Unlock()
 	s.grp.Go(s.writeLoop)
-	s.dispatch(s.connected)
+	// In stream mode a callback may block in Stream.Read, so none runs on
+	// the reader.
+	s.dispatch(s.connected, !s.streaming)
 	return s.readLoop(conn)
 }
 
@@ -201,21 +212,18 @@ func (s *Socket) connected() {
 
 // readLoop reads the connection until it fails or the socket stops reading.
 // Each chunk goes to the read-cb before the next read, so a slow callback
-// slows the peer, not memory.
+// slows the peer, not memory; in stream mode chunks go to the input buffer,
+// which is bounded by the input limit.
 func (s *Socket) readLoop(conn net.Conn) error {
 	buf := make([]byte, readBufSize)
 	for {
-		gen, ok := s.beforeRead(conn)
+		room, gen, ok := s.beforeRead(len(buf))
 		if !ok {
 			return nil
 		}
-		n, err := conn.Read(buf)
-		if n > 0 {
-			data := make([]byte, n) // fresh: the read-cb may keep it (rule 3)
-			copy(data, buf[:n])
-			if !s.deliver(data) {
-				return nil
-			}
+		n, err := conn.Read(buf[:room])
+		if n > 0 && !s.received(buf[:n]) {
+			return nil
 		}
 		if err == nil {
 			continue
@@ -227,19 +235,80 @@ func (s *Socket) readLoop(conn net.Conn) error {
 	}
 }
 
-// beforeRead waits while reading is disabled, then arms the read timeout.
-// It reports false once the socket no longer reads.
-func (s *Socket) beforeRead(conn net.Conn) (uint64, bool) {
+// received passes bytes read to the read-cb, or to the input buffer in
+// stream mode. It reports false once the socket no longer reads.
+func (s *Socket) received(p []byte) bool {
+	if !s.streaming {
+		data := make([]byte, len(p)) // fresh: the read-cb may keep it (rule 3)
+		copy(data, p)
+		return s.deliver(data)
+	}
+	s.mu.Lock()
+	if s.state != open {
+		s.mu.Unlock()
+		return false
+	}
+	s.in = append(s.in, p...)
+	wake(&s.inWait)
+	notify := !s.notifying
+	s.notifying = true
+	s.mu.Unlock()
+	if notify {
+		s.dispatch(s.notify, false)
+	}
+	return true
+}
+
+// notify runs the stream-mode read-cb: it tells the application that the
+// stream has bytes to read.
+func (s *Socket) notify() {
+	s.mu.Lock()
+	s.notifying = false
+	skip := s.closed || s.enabled&EvRead == 0 || len(s.in) == 0
+	read, sread := s.read, s.sread
+	s.mu.Unlock()
+	switch {
+	case skip:
+	case sread != nil:
+		s.invoke(func() { sread(s, s.stream) })
+	case read != nil:
+		s.invoke(func() { read(s, nil) })
+	}
+}
+
+// wake closes a waiters' channel, if anyone waits on it.
+func wake(ch *chan struct{}) {
+	if *ch != nil {
+		close(*ch)
+		*ch = nil
+	}
+}
+
+// waiter returns the channel that the next wake of ch closes.
+func waiter(ch *chan struct{}) chan struct{} {
+	if *ch == nil {
+		*ch = make(chan struct{})
+	}
+	return *ch
+}
+
+// beforeRead waits while reading is disabled (or, in stream mode, the
+// input buffer is full), then arms the read timeout. It returns how much
+// the next read may take, and false once the socket no longer reads.
+func (s *Socket) beforeRead(max int) (int, uint64, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.state == open && s.enabled&EvRead == 0 {
+	for s.state == open && (s.enabled&EvRead == 0 || (s.streaming && len(s.in) >= s.inLimit)) {
 		s.rcond.Wait()
 	}
 	if s.state != open {
-		return 0, false
+		return 0, 0, false
 	}
 	s.armRead()
-	return s.rgen, true
+	if s.streaming {
+		max = min(max, s.inLimit-len(s.in))
+	}
+	return max, s.rgen, true
 }
 
 // readFailed handles a read error. It reports whether the reader is done.
@@ -256,7 +325,7 @@ func (s *Socket) readFailed(err error, gen uint64) bool {
 		return false
 	}
 	s.mu.Unlock()
-	s.fail(err)
+	s.fail(err, true)
 	return true
 }
 
@@ -283,7 +352,7 @@ func (s *Socket) deliver(data []byte) bool {
 // reports false where reading was disabled before the callback started:
 // the data is then still the reader's.
 func (s *Socket) dispatchRead(data []byte) bool {
-	s.dispatch(func() { s.readDone <- s.readCallback(data) })
+	s.dispatch(func() { s.readDone <- s.readCallback(data) }, true)
 	return <-s.readDone
 }
 
@@ -334,18 +403,20 @@ func (s *Socket) writeLoop() error {
 
 		s.mu.Lock()
 		s.outLen -= n
-		drained := err == nil && s.outLen == 0
+		wake(&s.outWait)
+		drained := err == nil && s.outLen == 0 && s.write != nil
 		if err != nil {
 			s.wgone = true
 			s.out, s.outLen = nil, 0
 		}
 		s.mu.Unlock()
 		if err != nil {
-			s.fail(err)
+			s.fail(err, false)
 			return err
 		}
 		if drained {
-			s.dispatch(s.drained)
+			// Never on the writer: a write-cb may block in Stream.Write.
+			s.dispatch(s.drained, false)
 		}
 	}
 }
@@ -364,9 +435,19 @@ func (s *Socket) drained() {
 // fail ends the socket with err: the event-cb gets it (once: rule 6), then
 // the socket closes, gracefully after an EOF, at once otherwise. Where the
 // application closed the socket already, there is no event: a failed dial
-// or flush just ends it.
-func (s *Socket) fail(err error) {
+// or flush just ends it. The event runs on the caller where inline is set
+// and the queue is idle.
+func (s *Socket) fail(err error, inline bool) {
+	ev := newEvent(s, err)
+	eof := ev.Class == ErrTCPEOF && ev.Code == -1
 	s.mu.Lock()
+	if s.rerr == nil {
+		s.rerr = ev
+		if eof {
+			s.rerr = io.EOF
+		}
+		wake(&s.inWait)
+	}
 	if s.closed {
 		s.die()
 		s.mu.Unlock()
@@ -378,11 +459,10 @@ func (s *Socket) fail(err error) {
 	}
 	s.failed = true
 	s.mu.Unlock()
-	ev := newEvent(s, err)
 	s.dispatch(func() {
 		s.emit(ev)
-		s.shut(ev.Class != ErrTCPEOF || ev.Code != -1) // a reset is aborted
-	})
+		s.shut(!eof) // a reset is aborted
+	}, inline)
 }
 
 // emit gives ev to the socket's event-cb, or the loop's handler. A panic in
@@ -424,10 +504,12 @@ func (s *Socket) invoke(f func()) {
 }
 
 // dispatch adds f to the socket's callback queue. If no goroutine is
-// running the queue, the caller runs it, f first. Only the socket's own
-// goroutines dispatch, so a callback never runs on an application's
-// goroutine.
-func (s *Socket) dispatch(f func()) {
+// running the queue, the caller runs it when inline is set, else a new
+// goroutine does. Only the socket's own goroutines dispatch, so a callback
+// never runs on an application's goroutine: the reader runs callbacks
+// inline where it waits for them anyway, and no callback runs on the
+// writer.
+func (s *Socket) dispatch(f func(), inline bool) {
 	s.qmu.Lock()
 	s.queue = append(s.queue, f)
 	if s.draining {
@@ -436,6 +518,10 @@ func (s *Socket) dispatch(f func()) {
 	}
 	s.draining = true
 	s.qmu.Unlock()
+	if !inline {
+		s.grp.Go(func() error { s.drain(); return nil })
+		return
+	}
 	s.drain()
 }
 
@@ -467,7 +553,7 @@ func (s *Socket) shut(abort bool) {
 		}
 		return
 	}
-	s.closed = true
+	s.closed, s.selfClosed = true, true
 	if abort {
 		s.die()
 		return
@@ -496,6 +582,7 @@ func (s *Socket) beginFlush() {
 		s.rcond.Broadcast()
 		s.wcond.Broadcast()
 	}
+	wake(&s.inWait)
 }
 
 var aLongTimeAgo = time.Unix(1, 0)
@@ -516,6 +603,8 @@ func (s *Socket) die() {
 	}
 	s.rcond.Broadcast()
 	s.wcond.Broadcast()
+	wake(&s.inWait)
+	wake(&s.outWait)
 	go s.finish()
 }
 

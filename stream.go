@@ -1,70 +1,345 @@
 package asynctcp
 
 import (
-	"errors"
+	"io"
 	"net"
+	"os"
+	"sync"
 	"time"
 )
 
-// errStreamsNotYet is returned by the stream API until stream mode lands.
-var errStreamsNotYet = errors.New("asynctcp: streams are not implemented yet")
+// streamWriteLimit is how much queued output makes Stream.Write block.
+const streamWriteLimit = 1 << 20
 
-// Stream is cl-async's async-io-stream: a view of a socket as a net.Conn,
-// reading from the socket's input buffer and writing to its output buffer.
+// Stream is cl-async's async-io-stream: a view of a socket as a net.Conn.
+// It reads from the socket's input buffer (filled in stream mode:
+// ConnectStream, ListenStream, DontDrainReadBuffer) and writes to its output
+// buffer, so it can be handed to anything that takes a net.Conn or an
+// io.Reader: bufio, io.Copy, crypto/tls, net/http. Its methods are safe
+// from any goroutine; deadlines belong to each Stream of a socket.
+//
+// A callback of the socket may read what is buffered, but must not wait in
+// Read for more: the bytes it waits for arrive through the same socket.
 type Stream struct {
-	s *Socket
+	s   *Socket
+	rdl deadline
+	wdl deadline
 }
 
-// NewStream is (make-instance 'async-io-stream :socket s): a stream over s.
+// NewStream is (make-instance 'async-io-stream :socket s): a stream over
+// the input and output buffers of s, usable beside the socket's callbacks.
+// On a socket that is not in stream mode the read-cb takes the input, so
+// Read only sees the end of the stream.
 func NewStream(s *Socket) *Stream { return &Stream{s: s} }
 
 // Socket returns the stream's socket.
 func (st *Stream) Socket() *Socket { return st.s }
 
-// Read reads buffered input, blocking only while nothing is buffered.
-func (st *Stream) Read(p []byte) (int, error) { return 0, errStreamsNotYet }
+// Read reads what is buffered into p. It blocks only while nothing is, and
+// returns the rest of the input, then io.EOF after the peer closed (or the
+// event that ended the socket, after an error), or a timeout at the read
+// deadline (a net.Error whose Timeout is true; the socket stays open).
+func (st *Stream) Read(p []byte) (int, error) {
+	if st == nil || st.s == nil {
+		return 0, errNilSocket
+	}
+	s := st.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		if n, err, done := st.take(p); done {
+			return n, err
+		}
+		if st.rdl.passed() {
+			return 0, os.ErrDeadlineExceeded
+		}
+		ready := waiter(&s.inWait)
+		s.mu.Unlock()
+		select {
+		case <-ready:
+		case <-st.rdl.done():
+		}
+		s.mu.Lock()
+	}
+}
 
-// TryRead reads buffered input and never blocks.
-func (st *Stream) TryRead(p []byte) (int, error) { return 0, errStreamsNotYet }
+// take reads from the input buffer, without blocking; done is false when
+// the caller would have to wait. s.mu is held.
+func (st *Stream) take(p []byte) (n int, err error, done bool) {
+	s := st.s
+	switch {
+	case s.closed && !s.selfClosed:
+		return 0, closedError(s), true
+	case len(p) == 0:
+		return 0, nil, true
+	case len(s.in) > 0:
+		n = copy(p, s.in)
+		s.consume(n)
+		return n, nil, true
+	case s.rerr != nil:
+		return 0, s.rerr, true
+	case s.closed || s.state == dead:
+		return 0, closedError(s), true
+	}
+	return 0, nil, false
+}
 
-// ReadByte reads one byte.
-func (st *Stream) ReadByte() (byte, error) { return 0, errStreamsNotYet }
+// consume drops the first n input bytes and lets the reader go on where
+// the buffer was full. s.mu is held.
+func (s *Socket) consume(n int) {
+	s.in = s.in[n:]
+	if len(s.in) == 0 {
+		s.in = nil // let a drained buffer go
+	}
+	s.rcond.Broadcast()
+}
 
-// Write queues p on the socket.
-func (st *Stream) Write(p []byte) (int, error) { return 0, errStreamsNotYet }
+// TryRead reads what is buffered into p and never blocks: it returns
+// (0, nil) when nothing is, and io.EOF (or the socket's event) once the
+// input has ended.
+func (st *Stream) TryRead(p []byte) (int, error) {
+	if st == nil || st.s == nil {
+		return 0, errNilSocket
+	}
+	st.s.mu.Lock()
+	defer st.s.mu.Unlock()
+	n, err, _ := st.take(p)
+	return n, err
+}
 
-// WriteString queues s on the socket.
-func (st *Stream) WriteString(s string) (int, error) { return 0, errStreamsNotYet }
+// ReadByte reads one byte, blocking like Read.
+func (st *Stream) ReadByte() (byte, error) {
+	var b [1]byte
+	for {
+		n, err := st.Read(b[:])
+		if n == 1 {
+			return b[0], nil
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
+}
 
-// WriteByte queues c on the socket.
-func (st *Stream) WriteByte(c byte) error { return errStreamsNotYet }
+// Write queues p on the socket's output buffer and returns len(p). It
+// blocks only while more than 1 MiB is queued, up to the write deadline
+// (then it queues nothing and returns a timeout). It returns the socket's
+// ErrSocketClosed event once the socket is closed.
+func (st *Stream) Write(p []byte) (int, error) {
+	if st == nil || st.s == nil {
+		return 0, errNilSocket
+	}
+	s := st.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		switch {
+		case s.closed || s.state == dead:
+			return 0, closedError(s)
+		case s.wgone:
+			return 0, s.rerr
+		case st.wdl.passed():
+			return 0, os.ErrDeadlineExceeded
+		case s.outLen <= streamWriteLimit:
+			s.enqueue(p)
+			return len(p), nil
+		}
+		written := waiter(&s.outWait)
+		s.mu.Unlock()
+		select {
+		case <-written:
+		case <-st.wdl.done():
+		}
+		s.mu.Lock()
+	}
+}
 
-// Buffered returns the number of input bytes readable without blocking.
-func (st *Stream) Buffered() int { return 0 }
+// WriteString is Write of the string's bytes.
+func (st *Stream) WriteString(str string) (int, error) { return st.Write([]byte(str)) }
 
-// ClearInput is clear-input: it drops buffered input.
-func (st *Stream) ClearInput() {}
+// WriteByte is Write of one byte.
+func (st *Stream) WriteByte(c byte) error {
+	_, err := st.Write([]byte{c})
+	return err
+}
 
-// ClearOutput is clear-output: it drops queued output.
-func (st *Stream) ClearOutput() {}
+// Buffered returns the number of input bytes that Read returns without
+// blocking.
+func (st *Stream) Buffered() int {
+	if st == nil || st.s == nil {
+		return 0
+	}
+	st.s.mu.Lock()
+	defer st.s.mu.Unlock()
+	return len(st.s.in)
+}
 
-// Flush is finish-output: it waits until queued output is written.
-func (st *Stream) Flush() error { return errStreamsNotYet }
+// ClearInput is clear-input: it drops the buffered input.
+func (st *Stream) ClearInput() {
+	if st == nil || st.s == nil {
+		return
+	}
+	st.s.mu.Lock()
+	defer st.s.mu.Unlock()
+	st.s.consume(len(st.s.in))
+}
 
-// Close closes the socket.
-func (st *Stream) Close() error { return st.s.Close() }
+// ClearOutput is clear-output: it drops the output queued and not yet
+// being written.
+func (st *Stream) ClearOutput() {
+	if st == nil || st.s == nil {
+		return
+	}
+	s := st.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range s.out {
+		s.outLen -= len(b)
+	}
+	s.out = nil
+	wake(&s.outWait)
+}
 
-// LocalAddr returns the local address.
+// Flush is finish-output: it waits until the queued output has been
+// written to the connection, and returns nil then, the socket's error if it
+// ended first, or a timeout at the write deadline.
+func (st *Stream) Flush() error {
+	if st == nil || st.s == nil {
+		return errNilSocket
+	}
+	s := st.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.outLen > 0 {
+		switch {
+		case s.wgone:
+			return s.rerr
+		case s.state == dead:
+			return closedError(s)
+		case st.wdl.passed():
+			return os.ErrDeadlineExceeded
+		}
+		written := waiter(&s.outWait)
+		s.mu.Unlock()
+		select {
+		case <-written:
+		case <-st.wdl.done():
+		}
+		s.mu.Lock()
+	}
+	return nil
+}
+
+// Close closes the socket gracefully (Socket.Close). It returns nil where
+// asynctcp closed the socket already after its EOF or error, as net.Conn
+// does, and an ErrSocketClosed event where the application had.
+func (st *Stream) Close() error {
+	if st == nil || st.s == nil {
+		return errNilSocket
+	}
+	s := st.s
+	s.mu.Lock()
+	if s.closed && s.selfClosed {
+		s.selfClosed = false // from now on, closed by the application
+		s.mu.Unlock()
+		return nil
+	}
+	s.mu.Unlock()
+	return s.Close()
+}
+
+// LocalAddr returns the local address of the connection.
 func (st *Stream) LocalAddr() net.Addr { return st.s.LocalAddr() }
 
 // RemoteAddr returns the peer's address.
 func (st *Stream) RemoteAddr() net.Addr { return st.s.RemoteAddr() }
 
 // SetDeadline sets the read and write deadlines of the stream.
-func (st *Stream) SetDeadline(t time.Time) error { return errStreamsNotYet }
+func (st *Stream) SetDeadline(t time.Time) error {
+	st.rdl.set(t)
+	st.wdl.set(t)
+	return nil
+}
 
-// SetReadDeadline bounds blocking reads.
-func (st *Stream) SetReadDeadline(t time.Time) error { return errStreamsNotYet }
+// SetReadDeadline bounds the stream's blocking reads: at t, a blocked or
+// later Read returns a timeout; the zero time means none. It does not
+// touch the socket or its read timeout.
+func (st *Stream) SetReadDeadline(t time.Time) error {
+	st.rdl.set(t)
+	return nil
+}
 
-// SetWriteDeadline bounds blocking writes.
-func (st *Stream) SetWriteDeadline(t time.Time) error { return errStreamsNotYet }
+// SetWriteDeadline bounds the stream's blocking writes and Flush, as
+// SetReadDeadline does reads.
+func (st *Stream) SetWriteDeadline(t time.Time) error {
+	st.wdl.set(t)
+	return nil
+}
+
+// deadline is one deadline of a stream: its channel is closed once the
+// deadline has passed, and replaced when a new deadline is set after.
+type deadline struct {
+	mu    sync.Mutex
+	timer *time.Timer
+	gen   uint64 // the timer of an older deadline closes nothing
+	ch    chan struct{}
+}
+
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.gen++
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+	expired := d.ch != nil && closed(d.ch)
+	if t.IsZero() || time.Until(t) > 0 {
+		if expired || d.ch == nil {
+			d.ch = make(chan struct{})
+		}
+		if !t.IsZero() {
+			gen, ch := d.gen, d.ch
+			d.timer = time.AfterFunc(time.Until(t), func() { d.expire(gen, ch) })
+		}
+		return
+	}
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
+	if !expired {
+		close(d.ch)
+	}
+}
+
+func (d *deadline) expire(gen uint64, ch chan struct{}) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gen == gen && !closed(ch) {
+		close(ch)
+	}
+}
+
+// done returns a channel closed once the deadline has passed.
+func (d *deadline) done() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
+	return d.ch
+}
+
+func (d *deadline) passed() bool { return closed(d.done()) }
+
+func closed[T any](ch <-chan T) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+var _ net.Conn = (*Stream)(nil)
+var _ io.ByteReader = (*Stream)(nil)

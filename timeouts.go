@@ -35,17 +35,17 @@ func (s *Socket) SetTimeouts(read, write time.Duration) error {
 		return nil // the connect timeout was taken at the start; a flush keeps its deadline
 	}
 	if s.enabled&EvRead != 0 {
-		s.conn.SetReadDeadline(deadline(read))
+		s.conn.SetReadDeadline(fromNow(read))
 	}
 	s.wgen++
 	if s.outLen > 0 && s.enabled&EvWrite != 0 {
-		s.conn.SetWriteDeadline(deadline(write))
+		s.conn.SetWriteDeadline(fromNow(write))
 	}
 	return nil
 }
 
-// deadline is d from now, or none for 0.
-func deadline(d time.Duration) time.Time {
+// fromNow is d from now, or no deadline for 0.
+func fromNow(d time.Duration) time.Time {
 	if d == 0 {
 		return time.Time{}
 	}
