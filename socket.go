@@ -88,6 +88,7 @@ type Socket struct {
 	inWait     chan struct{} // closed when input, EOF or an error arrives
 	outWait    chan struct{} // closed when output is written or the socket ends
 	notifying  bool          // a stream notification is queued and has not started
+	renotify   bool          // a notification was held back while reading was disabled
 	ctx        context.Context
 	cancel     context.CancelFunc // stops a dial or handshake
 
@@ -264,6 +265,7 @@ func (s *Socket) received(p []byte) bool {
 func (s *Socket) notify() {
 	s.mu.Lock()
 	s.notifying = false
+	s.renotify = s.enabled&EvRead == 0 && len(s.in) > 0
 	skip := s.closed || s.enabled&EvRead == 0 || len(s.in) == 0
 	read, sread := s.read, s.sread
 	s.mu.Unlock()
@@ -505,24 +507,24 @@ func (s *Socket) invoke(f func()) {
 
 // dispatch adds f to the socket's callback queue. If no goroutine is
 // running the queue, the caller runs it when inline is set, else a new
-// goroutine does. Only the socket's own goroutines dispatch, so a callback
-// never runs on an application's goroutine: the reader runs callbacks
-// inline where it waits for them anyway, and no callback runs on the
-// writer.
+// goroutine does. A callback never runs on an application's goroutine: the
+// reader runs callbacks inline where it waits for them anyway, and no
+// callback runs on the writer. Callers are the socket's own goroutines, or
+// hold s.mu on a socket that is not dead, so the errgroup is not waited for
+// yet when dispatch adds to it.
 func (s *Socket) dispatch(f func(), inline bool) {
 	s.qmu.Lock()
 	s.queue = append(s.queue, f)
-	if s.draining {
-		s.qmu.Unlock()
-		return
-	}
+	idle := !s.draining
 	s.draining = true
 	s.qmu.Unlock()
-	if !inline {
+	switch {
+	case !idle:
+	case inline:
+		s.drain()
+	default:
 		s.grp.Go(func() error { s.drain(); return nil })
-		return
 	}
-	s.drain()
 }
 
 func (s *Socket) drain() {
@@ -752,6 +754,12 @@ func (s *Socket) Enable(ev Events) error {
 	s.enabled |= ev
 	s.rcond.Broadcast()
 	s.wcond.Broadcast()
+	if ev&EvRead != 0 && s.renotify && s.state == open {
+		// Input that came while reading was disabled was not announced.
+		s.renotify = false
+		s.notifying = true
+		s.dispatch(s.notify, false)
+	}
 	return nil
 }
 
