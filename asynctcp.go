@@ -108,12 +108,19 @@ const (
 	callListen
 	callListenStream
 	callWriteData
+	callWrap
+	callWrapStream
+	callServe
+	callServeStream
 )
 
 const (
 	connects = callConnect | callConnectStream
 	listens  = callListen | callListenStream
-	sockets  = connects | listens
+	wraps    = callWrap | callWrapStream
+	serves   = callServe | callServeStream
+	sockets  = connects | listens | wraps | serves
+	streams  = callConnectStream | callListenStream | callWrapStream | callServeStream
 )
 
 func (c call) String() string {
@@ -128,6 +135,14 @@ func (c call) String() string {
 		return "ListenStream"
 	case callWriteData:
 		return "WriteData"
+	case callWrap:
+		return "Wrap"
+	case callWrapStream:
+		return "WrapStream"
+	case callServe:
+		return "Serve"
+	case callServeStream:
+		return "ServeStream"
 	}
 	return "call"
 }
@@ -145,21 +160,29 @@ type Option struct {
 
 // config gathers what a call's options set.
 type config struct {
-	data         []byte
-	onConnect    ConnectFunc
-	onWrite      WriteFunc
-	onRead       ReadFunc
-	onEvent      EventFunc
-	setWrite     bool // OnWrite was given (nil clears the write-cb)
-	setRead      bool
-	setEvent     bool
-	readTimeout  time.Duration
-	writeTimeout time.Duration
-	dontDrain    bool
-	backlog      int
-	tls          *tls.Config
-	dialer       *net.Dialer
-	inputLimit   int
+	data           []byte
+	onConnect      ConnectFunc
+	onWrite        WriteFunc
+	onRead         ReadFunc
+	onEvent        EventFunc
+	setWrite       bool // OnWrite was given (nil clears the write-cb)
+	setRead        bool
+	setEvent       bool
+	readTimeout    time.Duration
+	writeTimeout   time.Duration
+	dontDrain      bool
+	backlog        int
+	tls            *tls.Config
+	dialer         *net.Dialer
+	inputLimit     int
+	lowWater       int
+	highWater      int
+	maxBuffered    int
+	halfOpen       bool
+	notifyTimeouts bool
+	readRate       rateConfig
+	writeRate      rateConfig
+	groups         []*RateGroup
 }
 
 const defaultInputLimit = 1 << 20
@@ -182,11 +205,11 @@ func newConfig(c call, opts []Option) (*config, error) {
 }
 
 // Data is cl-async's :data: bytes sent once the connection is up, before
-// anything given to WriteData (Connect, ConnectStream). Several Data
+// anything given to WriteData (Connect*; Wrap*: sent at once). Several Data
 // options are sent in order. The bytes are copied.
 func Data(p []byte) Option {
 	p = append([]byte(nil), p...)
-	return Option{name: "Data", where: connects, apply: func(c *config) { c.data = append(c.data, p...) }}
+	return Option{name: "Data", where: connects | wraps, apply: func(c *config) { c.data = append(c.data, p...) }}
 }
 
 // OnConnect is :connect-cb: f runs once the connection is up, before any
@@ -280,6 +303,49 @@ func InputLimit(n int) Option {
 	return Option{name: "InputLimit", where: sockets, err: err, apply: func(c *config) { c.inputLimit = n }}
 }
 
+// WriteWatermarks sets libevent's write watermarks (Node's highWaterMark,
+// Netty's writability): the write-cb runs each time a write to the
+// connection takes the queued output from above low to low or below (the
+// default, low 0, runs it when the output is drained), and Writable is
+// false while Buffered() >= high. high 0 means no high watermark; low must
+// not be negative, nor above a high watermark.
+func WriteWatermarks(low, high int) Option {
+	var err error
+	if low < 0 || high < 0 || (high > 0 && low > high) {
+		err = fmt.Errorf("want 0 <= low <= high (or high 0), got low %d, high %d", low, high)
+	}
+	return Option{name: "WriteWatermarks", where: sockets, err: err, apply: func(c *config) { c.lowWater, c.highWater = low, high }}
+}
+
+// MaxBuffered bounds the socket's queued output to n bytes (n > 0): a
+// WriteData or Socket.Write that would pass it queues nothing and returns
+// an ErrBufferFull event; the socket stays open. Stream.Write blocks
+// instead until its bytes fit, queueing a large write in pieces.
+func MaxBuffered(n int) Option {
+	var err error
+	if n <= 0 {
+		err = fmt.Errorf("bound %d is not positive", n)
+	}
+	return Option{name: "MaxBuffered", where: sockets, err: err, apply: func(c *config) { c.maxBuffered = n }}
+}
+
+// AllowHalfOpen keeps a socket writable after the peer's EOF (Node's
+// allowHalfOpen): the event-cb gets the ErrTCPEOF event after every byte,
+// but the socket stays open for writing until the application closes it or
+// shuts its write side too (CloseWrite), which closes it.
+func AllowHalfOpen() Option {
+	return Option{name: "AllowHalfOpen", where: sockets, apply: func(c *config) { c.halfOpen = true }}
+}
+
+// NotifyTimeouts makes read and write timeouts notify instead of closing,
+// as libevent does: the event-cb gets an ErrTCPTimeout event with Dir set,
+// and the socket stays open with that direction disabled (before the
+// event-cb runs, so an Enable inside it holds); Enable re-arms it. A
+// connect timeout still ends the socket.
+func NotifyTimeouts() Option {
+	return Option{name: "NotifyTimeouts", where: sockets, apply: func(c *config) { c.notifyTimeouts = true }}
+}
+
 // Connect opens a TCP connection to host (a name or an address) and port on
 // DefaultLoop; see Loop.Connect.
 func Connect(host string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
@@ -345,6 +411,7 @@ var DefaultLoop = &Loop{}
 type Stats struct {
 	Incoming int // sockets accepted by a server, open
 	Outgoing int // sockets made by Connect, open (connecting included)
+	Wrapped  int // sockets made by Wrap, open
 	Servers  int // servers open
 }
 
@@ -355,9 +422,12 @@ func (l *Loop) Stats() Stats {
 	defer l.mu.Unlock()
 	st := Stats{Servers: len(l.servers)}
 	for s := range l.sockets {
-		if s.server != nil {
+		switch {
+		case s.server != nil:
 			st.Incoming++
-		} else {
+		case s.wrapped:
+			st.Wrapped++
+		default:
 			st.Outgoing++
 		}
 	}
@@ -405,6 +475,13 @@ func (l *Loop) Exit(err error) {
 		socks = append(socks, s)
 	}
 	l.mu.Unlock()
+	// Close them all before aborting any, so that no socket sees another's
+	// abort as an event.
+	for _, s := range socks {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+	}
 	for _, s := range socks {
 		s.Abort()
 	}
@@ -563,6 +640,65 @@ func (l *Loop) connect(c call, host string, port int, read ReadFunc, sread Strea
 	return s, nil
 }
 
+// Wrap adopts conn, an established connection of any kind (TCP, Unix, a
+// *tls.Conn, an end of net.Pipe), as a socket of DefaultLoop; see
+// Loop.Wrap.
+func Wrap(conn net.Conn, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
+	return DefaultLoop.Wrap(conn, read, event, opts...)
+}
+
+// WrapStream is Wrap in stream mode on DefaultLoop; see Loop.WrapStream.
+func WrapStream(conn net.Conn, read StreamFunc, event EventFunc, opts ...Option) (*Stream, error) {
+	return DefaultLoop.WrapStream(conn, read, event, opts...)
+}
+
+// Serve accepts from ln, a listener of any kind, on DefaultLoop; see
+// Loop.Serve.
+func Serve(ln net.Listener, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return DefaultLoop.Serve(ln, read, event, opts...)
+}
+
+// ServeStream is Serve in stream mode on DefaultLoop; see Loop.ServeStream.
+func ServeStream(ln net.Listener, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return DefaultLoop.ServeStream(ln, read, event, opts...)
+}
+
+// Wrap adopts conn, an established connection of any kind (TCP, Unix, a
+// *tls.Conn, an end of net.Pipe), as cl-async's init-tcp-socket :fd does:
+// the socket is up at once, its connect-cb runs before any read-cb, and it
+// behaves as a socket from Connect. Data is sent at once. Dialer, Backlog
+// and TLS do not apply (wrap a *tls.Conn instead).
+func (l *Loop) Wrap(conn net.Conn, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
+	return l.wrap(callWrap, conn, read, nil, event, opts)
+}
+
+// WrapStream is Wrap in stream mode: the socket keeps its input in a
+// buffer, read through the returned Stream; read is told when bytes arrive.
+func (l *Loop) WrapStream(conn net.Conn, read StreamFunc, event EventFunc, opts ...Option) (*Stream, error) {
+	s, err := l.wrap(callWrapStream, conn, nil, read, event, opts)
+	if err != nil {
+		return nil, err
+	}
+	return s.stream, nil
+}
+
+func (l *Loop) wrap(c call, conn net.Conn, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Socket, error) {
+	if l == nil {
+		return nil, errors.New("asynctcp: nil *Loop")
+	}
+	if conn == nil {
+		return nil, fmt.Errorf("asynctcp: %s: nil net.Conn", c)
+	}
+	cfg, err := newConfig(c, opts)
+	if err != nil {
+		return nil, err
+	}
+	s := newSocket(l, nil, cfg, read, sread, event, c == callWrapStream)
+	s.wrapped = true
+	s.adopt(conn)
+	return s, nil
+}
+
 // Listen is tcp-server: it binds bindAddress ("" is 0.0.0.0) and port (0
 // picks a free one, see Server.Addr) and accepts connections in the
 // background. Each accepted socket gets read, event and the options
@@ -604,4 +740,33 @@ func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread
 		}
 	}
 	return serve(l, ln, cfg, read, sread, event, c == callListenStream), nil
+}
+
+// Serve accepts connections from ln, a listener of any kind (Unix, a
+// tls.NewListener, one handed over by a service manager through
+// net.FileListener), exactly as Listen does, as cl-async's tcp-server :fd
+// does. Server.Close closes ln; Server.Addr is ln's address. Backlog and
+// TLS do not apply (serve a tls.NewListener instead).
+func (l *Loop) Serve(ln net.Listener, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return l.serveListener(callServe, ln, read, nil, event, opts)
+}
+
+// ServeStream is Serve in stream mode: each accepted socket keeps its input
+// in a buffer, read through a Stream; read is told when bytes arrive.
+func (l *Loop) ServeStream(ln net.Listener, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
+	return l.serveListener(callServeStream, ln, nil, read, event, opts)
+}
+
+func (l *Loop) serveListener(c call, ln net.Listener, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Server, error) {
+	if l == nil {
+		return nil, errors.New("asynctcp: nil *Loop")
+	}
+	if ln == nil {
+		return nil, fmt.Errorf("asynctcp: %s: nil net.Listener", c)
+	}
+	cfg, err := newConfig(c, opts)
+	if err != nil {
+		return nil, err
+	}
+	return serve(l, ln, cfg, read, sread, event, c == callServeStream), nil
 }

@@ -54,7 +54,8 @@ func newClass(name string, parents ...error) *class {
 //	connection-info
 //	├── connection-error
 //	│   ├── tcp-error (also a tcp-info)
-//	│   │   ├── tcp-timeout, tcp-refused, tcp-accept-error, socket-closed
+//	│   │   ├── tcp-timeout, tcp-refused, tcp-accept-error, socket-closed,
+//	│   │   └── buffer-full
 //	│   ├── dns-error
 //	│   └── address-in-use
 //	└── tcp-info
@@ -88,6 +89,10 @@ var (
 	// ErrAddressInUse is address-in-use: a server could not bind its
 	// address (EADDRINUSE).
 	ErrAddressInUse error = newClass("address-in-use", ErrConnectionError)
+	// ErrBufferFull is buffer-full: a write would take the output past
+	// MaxBuffered, so nothing was queued. It is returned to the writer,
+	// never given to the event-cb.
+	ErrBufferFull error = newClass("buffer-full", ErrTCPError)
 )
 
 // Event is a condition delivered to an event-cb or returned by a call: one
@@ -102,6 +107,7 @@ type Event struct {
 	Code     int          // event-errcode: the errno, or -1
 	Msg      string       // event-errmsg
 	Err      error        // the underlying error, if any
+	Dir      Events       // the direction that timed out or failed (EvRead, EvWrite), where one did
 }
 
 // Error returns the class and message, as "asynctcp: tcp-eof: connection
@@ -173,7 +179,10 @@ func errnoOf(err error) int {
 func newEvent(s *Socket, err error) *Event {
 	ev := &Event{Class: ErrTCPError, Socket: s, Code: errnoOf(err), Err: err, Msg: err.Error()}
 	var dnsErr *net.DNSError
+	var ct *connectTimeout
 	switch {
+	case errors.As(err, &ct):
+		ev.Class, ev.Code = ErrTCPTimeout, -1
 	case errors.Is(err, io.EOF):
 		ev.Class, ev.Msg = ErrTCPEOF, "end of file"
 	case isReset(err):

@@ -54,43 +54,55 @@ var errNilSocket = errors.New("asynctcp: nil *Socket")
 // callbacks run one at a time. Its methods are safe to call from any
 // goroutine, inside or outside its callbacks.
 type Socket struct {
-	loop   *Loop
-	server *Server // the server that accepted it; nil for Connect
-	grp    errgroup.Group
-	stream *Stream // the view given to stream-mode callbacks
+	loop    *Loop
+	server  *Server // the server that accepted it; nil for Connect and Wrap
+	wrapped bool    // made by Wrap
+	grp     errgroup.Group
+	stream  *Stream // the view given to stream-mode callbacks
 
-	mu         sync.Mutex
-	rcond      sync.Cond // the reader waits here while reading is disabled
-	wcond      sync.Cond // the writer waits here for output
-	state      state
-	closed     bool // Close or Abort was called, or the socket closed after its event
-	failed     bool // an EOF or error event was dispatched (rule 6)
-	conn       net.Conn
-	data       any
-	read       ReadFunc
-	sread      StreamFunc
-	event      EventFunc
-	write      WriteFunc
-	connectCb  ConnectFunc
-	streaming  bool // stream mode: input stays in the input buffer
-	enabled    Events
-	rgen       uint64 // bumped where the read deadline is lifted under the reader
-	wgen       uint64 // likewise for the write deadline
-	rtimeout   time.Duration
-	wtimeout   time.Duration
-	out        [][]byte // queued output, oldest first
-	outLen     int      // bytes queued, including those being written
-	wgone      bool     // the writer ended on an error
-	selfClosed bool     // closed by asynctcp after an event, not by the application
-	rerr       error    // what reads return once the input is drained: io.EOF or the event
-	in         []byte   // stream mode: received bytes not yet read
-	inLimit    int
-	inWait     chan struct{} // closed when input, EOF or an error arrives
-	outWait    chan struct{} // closed when output is written or the socket ends
-	notifying  bool          // a stream notification is queued and has not started
-	renotify   bool          // a notification was held back while reading was disabled
-	ctx        context.Context
-	cancel     context.CancelFunc // stops a dial or handshake
+	mu             sync.Mutex
+	rcond          sync.Cond // the reader waits here while reading is disabled
+	wcond          sync.Cond // the writer waits here for output
+	state          state
+	closed         bool // Close or Abort was called, or the socket closed after its event
+	failed         bool // an EOF or error event was dispatched (rule 6)
+	conn           net.Conn
+	data           any
+	read           ReadFunc
+	sread          StreamFunc
+	event          EventFunc
+	write          WriteFunc
+	connectCb      ConnectFunc
+	streaming      bool // stream mode: input stays in the input buffer
+	enabled        Events
+	rgen           uint64 // bumped where the read deadline is lifted under the reader
+	wgen           uint64 // likewise for the write deadline
+	rtimeout       time.Duration
+	wtimeout       time.Duration
+	out            [][]byte // queued output, oldest first
+	outLen         int      // bytes queued, including those being written
+	wgone          bool     // the writer ended on an error
+	dropped        bool     // the socket ended with output unwritten
+	selfClosed     bool     // closed by asynctcp after an event, not by the application
+	rerr           error    // what reads return once the input is drained: io.EOF or the event
+	in             []byte   // stream mode: received bytes not yet read
+	inLimit        int
+	inWait         chan struct{} // closed when input, EOF or an error arrives
+	outWait        chan struct{} // closed when output is written or the socket ends
+	notifying      bool          // a stream notification is queued and has not started
+	renotify       bool          // a notification was held back while reading was disabled
+	lowWater       int           // the write-cb runs when output falls to this
+	highWater      int           // Writable is false from here; 0: no high watermark
+	maxBuf         int           // WriteData refuses to queue past this; 0: no bound
+	halfOpen       bool          // AllowHalfOpen
+	wshut          bool          // CloseWrite was called: shut the write side once flushed
+	wdone          bool          // the write side is shut
+	rshut          bool          // the peer's EOF was delivered on a half-open socket
+	notifyTimeouts bool
+	rlims          []*limit // read rate limits: the socket's own, its groups'
+	wlims          []*limit
+	ctx            context.Context
+	cancel         context.CancelFunc // stops a dial or handshake
 
 	qmu      sync.Mutex
 	queue    []func() // callbacks waiting to run
@@ -100,21 +112,34 @@ type Socket struct {
 
 func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFunc, event EventFunc, streaming bool) *Socket {
 	s := &Socket{
-		loop:      l,
-		server:    srv,
-		read:      read,
-		sread:     sread,
-		event:     event,
-		write:     cfg.onWrite,
-		connectCb: cfg.onConnect,
-		streaming: streaming || cfg.dontDrain,
-		inLimit:   cfg.inputLimit,
-		enabled:   EvRead | EvWrite,
-		rtimeout:  cfg.readTimeout,
-		wtimeout:  cfg.writeTimeout,
-		readDone:  make(chan bool, 1),
+		loop:           l,
+		server:         srv,
+		read:           read,
+		sread:          sread,
+		event:          event,
+		write:          cfg.onWrite,
+		connectCb:      cfg.onConnect,
+		streaming:      streaming || cfg.dontDrain,
+		inLimit:        cfg.inputLimit,
+		lowWater:       cfg.lowWater,
+		highWater:      cfg.highWater,
+		maxBuf:         cfg.maxBuffered,
+		halfOpen:       cfg.halfOpen,
+		notifyTimeouts: cfg.notifyTimeouts,
+		enabled:        EvRead | EvWrite,
+		rtimeout:       cfg.readTimeout,
+		wtimeout:       cfg.writeTimeout,
+		readDone:       make(chan bool, 1),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	var greads, gwrites []*limit
+	for _, g := range cfg.groups {
+		g.members.Add(1)
+		greads = append(greads, &g.read)
+		gwrites = append(gwrites, &g.write)
+	}
+	s.rlims = limits(cfg.readRate, greads)
+	s.wlims = limits(cfg.writeRate, gwrites)
 	s.rcond.L = &s.mu
 	s.wcond.L = &s.mu
 	if s.streaming {
@@ -140,8 +165,11 @@ func (s *Socket) start(connect func(ctx context.Context) (net.Conn, error)) {
 			defer stop()
 		}
 		conn, err := connect(ctx)
+		if err != nil && ctx.Err() == context.DeadlineExceeded {
+			err = &connectTimeout{err} // whatever step ran out of time
+		}
 		if err != nil {
-			s.fail(err, true)
+			s.fail(err, 0)
 			return err
 		}
 		return s.run(conn)
@@ -179,21 +207,42 @@ func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
 // and becomes the reader.
 func (s *Socket) run(conn net.Conn) error {
 	s.mu.Lock()
-	if s.state == dead {
-		s.mu.Unlock()
-		conn.Close()
+	up := s.attach(conn)
+	s.mu.Unlock()
+	if !up {
 		return nil
+	}
+	return s.serve(conn)
+}
+
+// adopt brings the socket up on an established conn at once (Wrap).
+func (s *Socket) adopt(conn net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.attach(conn)
+	s.grp.Go(func() error { return s.serve(conn) })
+}
+
+// attach gives the socket its conn and starts the writer. It reports
+// whether the socket is open to serve; a socket closed while connecting
+// only flushes. s.mu is held.
+func (s *Socket) attach(conn net.Conn) bool {
+	if s.state == dead {
+		conn.Close()
+		return false
 	}
 	s.conn = conn
-	s.cancel()               // the connect is over: release its context
-	if s.state == flushing { // closed while connecting: just flush
-		s.mu.Unlock()
-		s.grp.Go(s.writeLoop)
-		return nil
+	s.cancel() // the connect is over: release its context
+	s.grp.Go(s.writeLoop)
+	if s.state == flushing {
+		return false
 	}
 	s.state = open
-	s.mu.Unlock()
-	s.grp.Go(s.writeLoop)
+	return true
+}
+
+// serve runs the connect-cb, then reads.
+func (s *Socket) serve(conn net.Conn) error {
 	// In stream mode a callback may block in Stream.Read, so none runs on
 	// the reader.
 	s.dispatch(s.connected, !s.streaming)
@@ -223,6 +272,7 @@ func (s *Socket) readLoop(conn net.Conn) error {
 			return nil
 		}
 		n, err := conn.Read(buf[:room])
+		spend(s.rlims, n)
 		if n > 0 && !s.received(buf[:n]) {
 			return nil
 		}
@@ -295,22 +345,41 @@ func waiter(ch *chan struct{}) chan struct{} {
 }
 
 // beforeRead waits while reading is disabled (or, in stream mode, the
-// input buffer is full), then arms the read timeout. It returns how much
-// the next read may take, and false once the socket no longer reads.
-func (s *Socket) beforeRead(max int) (int, uint64, bool) {
+// input buffer is full, or the read rate is spent), then arms the read
+// timeout. It returns how much the next read may take, and false once the
+// socket no longer reads.
+func (s *Socket) beforeRead(want int) (int, uint64, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.state == open && (s.enabled&EvRead == 0 || (s.streaming && len(s.in) >= s.inLimit)) {
-		s.rcond.Wait()
+	for {
+		for s.state == open && (s.enabled&EvRead == 0 || (s.streaming && len(s.in) >= s.inLimit)) {
+			s.rcond.Wait()
+		}
+		if s.state != open {
+			return 0, 0, false
+		}
+		n := want
+		if s.streaming {
+			n = min(n, s.inLimit-len(s.in))
+		}
+		n, wait := quota(s.rlims, n, time.Now())
+		if wait == 0 {
+			s.armRead()
+			return n, s.rgen, true
+		}
+		s.sleep(&s.rcond, wait)
 	}
-	if s.state != open {
-		return 0, 0, false
-	}
-	s.armRead()
-	if s.streaming {
-		max = min(max, s.inLimit-len(s.in))
-	}
-	return max, s.rgen, true
+}
+
+// sleep waits on c for at most d. s.mu is held.
+func (s *Socket) sleep(c *sync.Cond, d time.Duration) {
+	t := time.AfterFunc(d, func() {
+		s.mu.Lock()
+		c.Broadcast()
+		s.mu.Unlock()
+	})
+	c.Wait()
+	t.Stop()
 }
 
 // readFailed handles a read error. It reports whether the reader is done.
@@ -326,8 +395,19 @@ func (s *Socket) readFailed(err error, gen uint64) bool {
 		s.mu.Unlock()
 		return false
 	}
+	if isTimeout(err) && s.notifyTimeouts {
+		// Rule 28: disable reading before the event-cb runs, so that an
+		// Enable inside it holds.
+		s.suspend(EvRead)
+		s.enabled &^= EvRead
+		s.mu.Unlock()
+		ev := newEvent(s, err)
+		ev.Dir = EvRead
+		s.dispatch(func() { s.emit(ev) }, !s.streaming)
+		return false
+	}
 	s.mu.Unlock()
-	s.fail(err, true)
+	s.fail(err, EvRead)
 	return true
 }
 
@@ -378,49 +458,136 @@ func (s *Socket) readCallback(data []byte) bool {
 	return true
 }
 
-// writeLoop drains the output buffer into the connection. After a graceful
-// Close it writes what is queued, then closes the connection.
+// writeLoop drains the output buffer into the connection. After CloseWrite
+// it shuts the write side once the buffer is empty; after a graceful Close
+// it writes what is queued, then closes the connection.
 func (s *Socket) writeLoop() error {
 	for {
-		s.mu.Lock()
-		for s.state != dead && !(s.state == flushing && len(s.out) == 0) &&
-			(len(s.out) == 0 || (s.enabled&EvWrite == 0 && s.state != flushing)) {
-			s.wcond.Wait()
-		}
+		bufs, shut, ok := s.nextWrite()
 		switch {
-		case s.state == dead:
-			s.mu.Unlock()
+		case !ok:
 			return nil
-		case len(s.out) == 0: // flushing and done
-			s.die()
-			s.mu.Unlock()
-			return nil
+		case shut:
+			if err := s.shutWrite(); err != nil {
+				return err
+			}
+			continue
 		}
-		bufs := s.out
-		s.out = nil
-		conn := s.conn
-		s.mu.Unlock()
-
-		n, err := s.writeOut(conn, bufs)
-
-		s.mu.Lock()
-		s.outLen -= n
-		wake(&s.outWait)
-		drained := err == nil && s.outLen == 0 && s.write != nil
-		if err != nil {
-			s.wgone = true
-			s.out, s.outLen = nil, 0
-		}
-		s.mu.Unlock()
-		if err != nil {
-			s.fail(err, false)
+		n, rest, err := s.writeOut(s.conn, bufs)
+		spend(s.wlims, n)
+		if err := s.wrote(n, rest, err); err != nil {
 			return err
 		}
-		if drained {
-			// Never on the writer: a write-cb may block in Stream.Write.
-			s.dispatch(s.drained, false)
-		}
 	}
+}
+
+// nextWrite waits until there is output to write (taking all of it) or
+// the write side to shut. It reports false once the writer is done.
+func (s *Socket) nextWrite() (bufs [][]byte, shut, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		finishing := s.state == flushing || s.wshut // written even where EvWrite is disabled
+		switch {
+		case s.state == dead:
+			return nil, false, false
+		case len(s.out) > 0 && (s.enabled&EvWrite != 0 || finishing):
+			n, wait := quota(s.wlims, s.outLen, time.Now())
+			if wait == 0 {
+				return s.takeOut(n), false, true
+			}
+			s.sleep(&s.wcond, wait)
+			continue
+		case s.state == flushing && s.outLen == 0:
+			s.die()
+			return nil, false, false
+		case s.wshut && !s.wdone && s.outLen == 0:
+			return nil, true, true
+		}
+		s.wcond.Wait()
+	}
+}
+
+// takeOut takes up to n bytes of queued output for the writer; the writer
+// is not writing, so everything queued is in s.out. s.mu is held.
+func (s *Socket) takeOut(n int) [][]byte {
+	if n >= s.outLen {
+		bufs := s.out
+		s.out = nil
+		return bufs
+	}
+	var bufs [][]byte
+	for n > 0 {
+		b := s.out[0]
+		if len(b) > n {
+			bufs = append(bufs, b[:n:n])
+			s.out[0] = b[n:]
+			break
+		}
+		bufs = append(bufs, b)
+		s.out = s.out[1:]
+		n -= len(b)
+	}
+	return bufs
+}
+
+// wrote accounts for a write of n bytes: it wakes blocked Stream writers,
+// runs the write-cb where the buffer fell to the low watermark, and handles
+// a failure (it returns the error where the writer must end).
+func (s *Socket) wrote(n int, rest [][]byte, err error) error {
+	s.mu.Lock()
+	before := s.outLen
+	s.outLen -= n
+	wake(&s.outWait)
+	if err != nil && isTimeout(err) && s.notifyTimeouts && s.state == open {
+		// Rule 28: keep the socket, hold the output, tell the event-cb.
+		s.out = append(rest, s.out...)
+		s.suspend(EvWrite)
+		s.enabled &^= EvWrite
+		s.mu.Unlock()
+		ev := newEvent(s, err)
+		ev.Dir = EvWrite
+		s.dispatch(func() { s.emit(ev) }, false)
+		return nil
+	}
+	if err != nil {
+		s.wgone = true
+		s.out, s.outLen = nil, 0
+		s.mu.Unlock()
+		s.fail(err, EvWrite)
+		return err
+	}
+	crossed := before > s.lowWater && s.outLen <= s.lowWater && s.write != nil
+	s.mu.Unlock()
+	if crossed {
+		// Never on the writer: a write-cb may block in Stream.Write.
+		s.dispatch(s.drained, false)
+	}
+	return nil
+}
+
+// shutWrite shuts the write side of the conn (CloseWrite); once the peer
+// has shut its side too, the socket closes by itself (rule 27).
+func (s *Socket) shutWrite() error {
+	err := errors.ErrUnsupported
+	if cw, ok := s.conn.(interface{ CloseWrite() error }); ok {
+		err = cw.CloseWrite()
+	}
+	s.mu.Lock()
+	s.wdone = true
+	if err != nil {
+		s.wgone = true
+	}
+	both := s.rshut
+	s.mu.Unlock()
+	if err != nil {
+		s.fail(err, EvWrite)
+		return err
+	}
+	if both {
+		s.shut(false)
+	}
+	return nil
 }
 
 func (s *Socket) drained() {
@@ -434,13 +601,16 @@ func (s *Socket) drained() {
 	s.invoke(func() { cb(s) })
 }
 
-// fail ends the socket with err: the event-cb gets it (once: rule 6), then
-// the socket closes, gracefully after an EOF, at once otherwise. Where the
-// application closed the socket already, there is no event: a failed dial
-// or flush just ends it. The event runs on the caller where inline is set
-// and the queue is idle.
-func (s *Socket) fail(err error, inline bool) {
+// fail ends the socket with err, a failure of direction dir (0 for a
+// connect): the event-cb gets it (once: rule 6), then the socket closes,
+// gracefully after an EOF, at once otherwise. Where the application closed
+// the socket already, there is no event: a failed dial or flush just ends
+// it. A peer's EOF on a socket that allows half-open connections only ends
+// reading. The event runs on the caller where the queue is idle, except on
+// the writer.
+func (s *Socket) fail(err error, dir Events) {
 	ev := newEvent(s, err)
+	ev.Dir = dir
 	eof := ev.Class == ErrTCPEOF && ev.Code == -1
 	s.mu.Lock()
 	if s.rerr == nil {
@@ -459,12 +629,29 @@ func (s *Socket) fail(err error, inline bool) {
 		s.mu.Unlock()
 		return
 	}
-	s.failed = true
+	halfOpen := eof && dir == EvRead && s.halfOpen
+	s.failed = !halfOpen
 	s.mu.Unlock()
 	s.dispatch(func() {
 		s.emit(ev)
+		if halfOpen {
+			s.readShut()
+			return
+		}
 		s.shut(!eof) // a reset is aborted
-	}, inline)
+	}, dir != EvWrite)
+}
+
+// readShut notes that the peer's EOF was delivered on a half-open socket;
+// once the write side is shut too, the socket closes by itself.
+func (s *Socket) readShut() {
+	s.mu.Lock()
+	s.rshut = true
+	both := s.wdone
+	s.mu.Unlock()
+	if both {
+		s.shut(false)
+	}
 }
 
 // emit gives ev to the socket's event-cb, or the loop's handler. A panic in
@@ -596,6 +783,7 @@ func (s *Socket) die() {
 		return
 	}
 	s.state = dead
+	s.dropped = s.outLen > 0
 	s.out, s.outLen = nil, 0
 	if s.cancel != nil {
 		s.cancel()
@@ -612,6 +800,11 @@ func (s *Socket) die() {
 
 func (s *Socket) finish() {
 	s.grp.Wait()
+	for _, l := range s.rlims {
+		if l.group != nil {
+			l.group.members.Add(-1)
+		}
+	}
 	if s.server != nil {
 		s.server.forget(s)
 	}
@@ -667,13 +860,27 @@ func (s *Socket) WriteData(data []byte, opts ...Option) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return closedError(s)
+	if err := s.refuse(len(data)); err != nil {
+		return err
 	}
 	if cfg != nil {
 		s.override(cfg)
 	}
 	s.enqueue(data)
+	return nil
+}
+
+// refuse returns why n more bytes cannot be queued: the socket or its
+// write side is closed, or they would take the output past MaxBuffered.
+// s.mu is held.
+func (s *Socket) refuse(n int) error {
+	switch {
+	case s.closed || s.wshut:
+		return closedError(s)
+	case s.maxBuf > 0 && s.outLen+n > s.maxBuf:
+		return &Event{Class: ErrBufferFull, Socket: s, Code: -1, Dir: EvWrite,
+			Msg: fmt.Sprintf("%d bytes queued, %d more would pass MaxBuffered(%d)", s.outLen, n, s.maxBuf)}
+	}
 	return nil
 }
 
@@ -720,8 +927,8 @@ func (s *Socket) WriteString(str string) (int, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return 0, closedError(s)
+	if err := s.refuse(len(str)); err != nil {
+		return 0, err
 	}
 	if len(str) > 0 {
 		s.enqueue([]byte(str))
@@ -827,6 +1034,44 @@ func (s *Socket) Abort() error {
 	if wasClosed {
 		return closedError(s)
 	}
+	return nil
+}
+
+// Writable reports whether the output is below the high watermark
+// (WriteWatermarks): false while Buffered() >= high, true otherwise, and
+// always true without a high watermark. A proxy disables reading on its
+// source while its destination is not writable, and enables it again from
+// the destination's write-cb.
+func (s *Socket) Writable() bool {
+	if s == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.highWater == 0 || s.outLen < s.highWater
+}
+
+// CloseWrite flushes the queued output, then shuts the write side of the
+// connection: the peer reads EOF while reading goes on (Node's end(),
+// Netty's shutdownOutput). Later writes return an ErrSocketClosed event.
+// With AllowHalfOpen, once the peer has shut its side too, the socket
+// closes by itself. A connection that cannot half-close (net.Pipe) gives an
+// ErrTCPError event wrapping errors.ErrUnsupported.
+func (s *Socket) CloseWrite() error {
+	if s == nil {
+		return errNilSocket
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.wshut {
+		return closedError(s)
+	}
+	if _, ok := s.conn.(interface{ CloseWrite() error }); s.conn != nil && !ok {
+		return &Event{Class: ErrTCPError, Socket: s, Code: -1, Dir: EvWrite,
+			Msg: fmt.Sprintf("%T cannot half-close", s.conn), Err: errors.ErrUnsupported}
+	}
+	s.wshut = true
+	s.wcond.Broadcast()
 	return nil
 }
 

@@ -122,9 +122,11 @@ func (st *Stream) ReadByte() (byte, error) {
 }
 
 // Write queues p on the socket's output buffer and returns len(p). It
-// blocks only while more than 1 MiB is queued, up to the write deadline
-// (then it queues nothing and returns a timeout). It returns the socket's
-// ErrSocketClosed event once the socket is closed.
+// blocks only while more than 1 MiB is queued (or, with MaxBuffered, until
+// its bytes fit, queueing a larger write in pieces), up to the write
+// deadline: then it returns what it queued and a timeout. It returns the
+// socket's ErrSocketClosed event once the socket (or its write side) is
+// closed.
 func (st *Stream) Write(p []byte) (int, error) {
 	if st == nil || st.s == nil {
 		return 0, errNilSocket
@@ -132,17 +134,23 @@ func (st *Stream) Write(p []byte) (int, error) {
 	s := st.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	n := 0
 	for {
 		switch {
-		case s.closed || s.state == dead:
-			return 0, closedError(s)
+		case s.closed || s.state == dead || s.wshut:
+			return n, closedError(s)
 		case s.wgone:
-			return 0, s.rerr
+			return n, s.rerr
 		case st.wdl.passed():
-			return 0, os.ErrDeadlineExceeded
-		case s.outLen <= streamWriteLimit:
-			s.enqueue(p)
-			return len(p), nil
+			return n, os.ErrDeadlineExceeded
+		}
+		if room := s.streamRoom(len(p)); room > 0 || len(p) == 0 {
+			s.enqueue(p[:room])
+			n += room
+			if p = p[room:]; len(p) == 0 {
+				return n, nil
+			}
+			continue
 		}
 		written := waiter(&s.outWait)
 		s.mu.Unlock()
@@ -152,6 +160,18 @@ func (st *Stream) Write(p []byte) (int, error) {
 		}
 		s.mu.Lock()
 	}
+}
+
+// streamRoom returns how many of n bytes Stream.Write may queue now.
+// s.mu is held.
+func (s *Socket) streamRoom(n int) int {
+	switch {
+	case s.maxBuf > 0:
+		return max(min(n, s.maxBuf-s.outLen), 0)
+	case s.outLen <= streamWriteLimit:
+		return n
+	}
+	return 0
 }
 
 // WriteString is Write of the string's bytes.
@@ -210,10 +230,12 @@ func (st *Stream) Flush() error {
 	s := st.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.outLen > 0 {
+	for {
 		switch {
 		case s.wgone:
 			return s.rerr
+		case s.outLen == 0 && !s.dropped:
+			return nil
 		case s.state == dead:
 			return closedError(s)
 		case st.wdl.passed():
@@ -227,7 +249,6 @@ func (st *Stream) Flush() error {
 		}
 		s.mu.Lock()
 	}
-	return nil
 }
 
 // Close closes the socket gracefully (Socket.Close). It returns nil where

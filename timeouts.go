@@ -109,8 +109,9 @@ func (s *Socket) rearm(ev Events) {
 
 // writeOut writes bufs to conn, with writev where the conn has it. Under a
 // write timeout each write must make progress within it: a write that
-// times out after some bytes starts the clock again.
-func (s *Socket) writeOut(conn net.Conn, bufs [][]byte) (int, error) {
+// times out after some bytes starts the clock again. It returns what it
+// wrote, and on an error what is left.
+func (s *Socket) writeOut(conn net.Conn, bufs [][]byte) (int, [][]byte, error) {
 	nb := net.Buffers(bufs)
 	total := 0
 	for len(nb) > 0 {
@@ -121,10 +122,10 @@ func (s *Socket) writeOut(conn net.Conn, bufs [][]byte) (int, error) {
 			continue
 		}
 		if !isTimeout(err) || (n == 0 && s.writeTimedOut(gen)) {
-			return total, err
+			return total, nb, err
 		}
 	}
-	return total, nil
+	return total, nil, nil
 }
 
 // armWrite starts the write timeout for the next write, where it counts.
@@ -155,6 +156,14 @@ func (s *Socket) writing() bool {
 func (s *Socket) readTimedOut(gen uint64) bool {
 	return gen == s.rgen && s.rtimeout > 0 && s.enabled&EvRead != 0
 }
+
+// connectTimeout is a connect (lookup, dial, handshake) that ran out of
+// the socket's timeout: an ErrTCPTimeout event, whichever step failed.
+type connectTimeout struct{ err error }
+
+func (e *connectTimeout) Error() string { return "connect timed out: " + e.err.Error() }
+func (e *connectTimeout) Unwrap() error { return e.err }
+func (e *connectTimeout) Timeout() bool { return true }
 
 func isTimeout(err error) bool {
 	var ne net.Error
