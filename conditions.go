@@ -198,18 +198,3 @@ func newEvent(s *Socket, err error) *Event {
 	}
 	return ev
 }
-
-func isReset(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED)
-}
-
-func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
-
-func isAddrInUse(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
-
-// isTemporaryAccept reports whether an accept error is worth backing off
-// for: the process or system ran out of descriptors or memory.
-func isTemporaryAccept(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
-}
