@@ -83,6 +83,8 @@ type Socket struct {
 	outLen         int      // bytes queued, including those being written
 	wgone          bool     // the writer ended on an error
 	dropped        bool     // the socket ended with output unwritten
+	inflight       bool     // the writer is writing
+	settling       bool     // the reader waits for the write in flight (settleWrite)
 	selfClosed     bool     // closed by asynctcp after an event, not by the application
 	rerr           error    // what reads return once the input is drained: io.EOF or the event
 	in             []byte   // stream mode: received bytes not yet read
@@ -406,9 +408,38 @@ func (s *Socket) readFailed(err error, gen uint64) bool {
 		s.dispatch(func() { s.emit(ev) }, !s.streaming)
 		return false
 	}
+	s.settleWrite()
 	s.mu.Unlock()
 	s.fail(err, EvRead)
 	return true
+}
+
+// settleTime bounds how long a read failure waits for the write in flight.
+const settleTime = 100 * time.Millisecond
+
+// settleWrite waits, briefly, until a write in flight has been accounted
+// for. A peer may answer a request and close before the writer, whose
+// write the kernel already took, has run again; so the write-cb of the
+// request comes before the EOF of the answer, not after the socket closed.
+// A write blocked on a full connection ends the wait at settleTime. s.mu
+// is held.
+func (s *Socket) settleWrite() {
+	if !s.inflight {
+		return
+	}
+	expired := false
+	t := time.AfterFunc(settleTime, func() {
+		s.mu.Lock()
+		expired = true
+		s.rcond.Broadcast()
+		s.mu.Unlock()
+	})
+	defer t.Stop()
+	s.settling = true
+	for s.inflight && !expired {
+		s.rcond.Wait()
+	}
+	s.settling = false
 }
 
 // deliver hands data to the read-cb, waiting while reading is disabled. It
@@ -494,6 +525,7 @@ func (s *Socket) nextWrite() (bufs [][]byte, shut, ok bool) {
 		case len(s.out) > 0 && (s.enabled&EvWrite != 0 || finishing):
 			n, wait := quota(s.wlims, s.outLen, time.Now())
 			if wait == 0 {
+				s.inflight = true
 				return s.takeOut(n), false, true
 			}
 			s.sleep(&s.wcond, wait)
@@ -539,6 +571,12 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) error {
 	before := s.outLen
 	s.outLen -= n
 	wake(&s.outWait)
+	if err != nil {
+		s.inflight = false
+		if s.settling {
+			s.rcond.Broadcast()
+		}
+	}
 	if err != nil && isTimeout(err) && s.notifyTimeouts && s.state == open {
 		// Rule 28: keep the socket, hold the output, tell the event-cb.
 		s.out = append(rest, s.out...)
@@ -557,12 +595,16 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) error {
 		s.fail(err, EvWrite)
 		return err
 	}
-	crossed := before > s.lowWater && s.outLen <= s.lowWater && s.write != nil
-	s.mu.Unlock()
-	if crossed {
+	if before > s.lowWater && s.outLen <= s.lowWater && s.write != nil {
 		// Never on the writer: a write-cb may block in Stream.Write.
+		// Queued before inflight clears: see settleWrite.
 		s.dispatch(s.drained, false)
 	}
+	s.inflight = false
+	if s.settling {
+		s.rcond.Broadcast()
+	}
+	s.mu.Unlock()
 	return nil
 }
 
