@@ -589,10 +589,11 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) error {
 		return nil
 	}
 	if err != nil {
-		s.wgone = true
-		s.out, s.outLen = nil, 0
+		end := s.writeFailed(err)
 		s.mu.Unlock()
-		s.fail(err, EvWrite)
+		if end != nil {
+			s.dispatch(end, false)
+		}
 		return err
 	}
 	if before > s.lowWater && s.outLen <= s.lowWater && s.write != nil {
@@ -608,6 +609,16 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) error {
 	return nil
 }
 
+// writeFailed ends the writer on err and claims the socket's event (see
+// claim). s.mu is held.
+func (s *Socket) writeFailed(err error) func() {
+	s.wgone = true
+	s.out, s.outLen = nil, 0
+	ev := newEvent(s, err)
+	ev.Dir = EvWrite
+	return s.claim(ev)
+}
+
 // shutWrite shuts the write side of the conn (CloseWrite); once the peer
 // has shut its side too, the socket closes by itself (rule 27).
 func (s *Socket) shutWrite() error {
@@ -618,14 +629,15 @@ func (s *Socket) shutWrite() error {
 	s.mu.Lock()
 	s.wdone = true
 	if err != nil {
-		s.wgone = true
+		end := s.writeFailed(err)
+		s.mu.Unlock()
+		if end != nil {
+			s.dispatch(end, false)
+		}
+		return err
 	}
 	both := s.rshut
 	s.mu.Unlock()
-	if err != nil {
-		s.fail(err, EvWrite)
-		return err
-	}
 	if both {
 		s.shut(false)
 	}
@@ -653,8 +665,21 @@ func (s *Socket) drained() {
 func (s *Socket) fail(err error, dir Events) {
 	ev := newEvent(s, err)
 	ev.Dir = dir
-	eof := ev.Class == ErrTCPEOF && ev.Code == -1
 	s.mu.Lock()
+	end := s.claim(ev)
+	s.mu.Unlock()
+	if end != nil {
+		s.dispatch(end, dir != EvWrite)
+	}
+}
+
+// claim records ev as the end of the socket's input and, where it is the
+// socket's first EOF or error, returns what delivers it (nil where there
+// is nothing to deliver). Claiming under the lock that saw the failure
+// keeps a reset that the writer saw first from passing for the plain EOF
+// that the reader sees after it. s.mu is held.
+func (s *Socket) claim(ev *Event) func() {
+	eof := ev.Class == ErrTCPEOF && ev.Code == -1
 	if s.rerr == nil {
 		s.rerr = ev
 		if eof {
@@ -664,24 +689,21 @@ func (s *Socket) fail(err error, dir Events) {
 	}
 	if s.closed {
 		s.die()
-		s.mu.Unlock()
-		return
+		return nil
 	}
 	if s.failed {
-		s.mu.Unlock()
-		return
+		return nil
 	}
-	halfOpen := eof && dir == EvRead && s.halfOpen
+	halfOpen := eof && ev.Dir == EvRead && s.halfOpen
 	s.failed = !halfOpen
-	s.mu.Unlock()
-	s.dispatch(func() {
+	return func() {
 		s.emit(ev)
 		if halfOpen {
 			s.readShut()
 			return
 		}
 		s.shut(!eof) // a reset is aborted
-	}, dir != EvWrite)
+	}
 }
 
 // readShut notes that the peer's EOF was delivered on a half-open socket;
