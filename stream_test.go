@@ -1,0 +1,1588 @@
+package asynctcp_test
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/nettest"
+
+	"github.com/asynctcp/asynctcp"
+)
+
+// stTimeout bounds every wait of this file.
+const stTimeout = 15 * time.Second
+
+var errStTestFailed = errors.New("stream_test: test failed")
+
+// stLoop returns a fresh loop. Should the test fail before it has waited
+// for the loop, a cleanup exits the loop so that its goroutines end.
+func stLoop(t *testing.T) *asynctcp.Loop {
+	t.Helper()
+	l := &asynctcp.Loop{}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		l.Exit(errStTestFailed)
+		select {
+		case <-stGoWait(l):
+		case <-time.After(stTimeout):
+			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
+		}
+	})
+	return l
+}
+
+// stGoWait runs l.Wait in a goroutine and delivers its result.
+func stGoWait(l *asynctcp.Loop) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- l.Wait() }()
+	return done
+}
+
+// stWaitLoop waits for l.Wait to return nil, failing the test after
+// stTimeout.
+func stWaitLoop(t *testing.T, l *asynctcp.Loop) {
+	t.Helper()
+	select {
+	case err := <-stGoWait(l):
+		if err != nil {
+			t.Fatalf("Loop.Wait = %v, want nil", err)
+		}
+	case <-time.After(stTimeout):
+		t.Fatalf("Loop.Wait did not return within %v (stats %+v)", stTimeout, l.Stats())
+	}
+}
+
+// stRecv receives from ch, failing the test after stTimeout.
+func stRecv[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(stTimeout):
+		t.Fatalf("timed out after %v waiting for %s", stTimeout, what)
+	}
+	var zero T
+	return zero
+}
+
+// stNotYet fails the test if ch delivers within d: the call it reports on
+// must still be blocked.
+func stNotYet[T any](t *testing.T, ch <-chan T, d time.Duration, what string) {
+	t.Helper()
+	select {
+	case v := <-ch:
+		t.Fatalf("%s returned (%v) while it should block", what, v)
+	case <-time.After(d):
+	}
+}
+
+// stEventually polls cond until it holds, failing the test after stTimeout.
+func stEventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(stTimeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", stTimeout, what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// stStall waits until count stops growing across two samples 300 ms
+// apart (and is not zero), and returns it.
+func stStall(t *testing.T, what string, count func() int64) int64 {
+	t.Helper()
+	deadline := time.Now().Add(stTimeout)
+	last := count()
+	for {
+		time.Sleep(300 * time.Millisecond)
+		n := count()
+		if n == last && n > 0 {
+			return n
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not stall within %v (count %d)", what, stTimeout, n)
+		}
+		last = n
+	}
+}
+
+func stPort(t *testing.T, a net.Addr) int {
+	t.Helper()
+	ta, ok := a.(*net.TCPAddr)
+	if !ok {
+		t.Fatalf("address %v is a %T, want *net.TCPAddr", a, a)
+	}
+	return ta.Port
+}
+
+// stPattern is the byte at offset i of every patterned transfer here.
+func stPattern(i int64) byte { return byte(i % 251) }
+
+// stRef returns the pattern from offset 0 with n bytes to spare past any
+// starting offset below 251: ref[off%251:][:k] is the pattern at off.
+func stRef(n int) []byte {
+	ref := make([]byte, 251+n)
+	for i := range ref {
+		ref[i] = stPattern(int64(i))
+	}
+	return ref
+}
+
+// stCheckPattern checks that p is the pattern from offset off.
+func stCheckPattern(ref, p []byte, off int64) error {
+	k := int(off % 251)
+	want := ref[k : k+len(p)]
+	if bytes.Equal(p, want) {
+		return nil
+	}
+	for i := range p {
+		if p[i] != want[i] {
+			return fmt.Errorf("byte at offset %d is %d, want %d", off+int64(i), p[i], want[i])
+		}
+	}
+	return nil
+}
+
+// stPairOpts configures stDial.
+type stPairOpts struct {
+	serverRead  asynctcp.StreamFunc
+	serverEvent asynctcp.EventFunc
+	clientRead  asynctcp.StreamFunc
+	clientEvent asynctcp.EventFunc
+	server      []asynctcp.Option // no OnConnect: stDial sets it
+	client      []asynctcp.Option // likewise
+}
+
+// stDial connects a ConnectStream stream to a ListenStream server of l on
+// loopback, and returns the client stream (connected), a fresh view of the
+// accepted socket and the server.
+func stDial(l *asynctcp.Loop, o stPairOpts) (c, s *asynctcp.Stream, srv *asynctcp.Server, err error) {
+	accepted := make(chan *asynctcp.Stream, 1)
+	srvOpts := append([]asynctcp.Option{asynctcp.OnConnect(func(sock *asynctcp.Socket) {
+		select {
+		case accepted <- asynctcp.NewStream(sock):
+		default:
+		}
+	})}, o.server...)
+	srv, err = l.ListenStream("127.0.0.1", 0, o.serverRead, o.serverEvent, srvOpts...)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("ListenStream: %w", err)
+	}
+	port := srv.Addr().(*net.TCPAddr).Port
+	connected := make(chan struct{}, 1)
+	cliOpts := append([]asynctcp.Option{asynctcp.OnConnect(func(*asynctcp.Socket) {
+		select {
+		case connected <- struct{}{}:
+		default:
+		}
+	})}, o.client...)
+	c, err = l.ConnectStream("127.0.0.1", port, o.clientRead, o.clientEvent, cliOpts...)
+	if err != nil {
+		srv.Close()
+		return nil, nil, nil, fmt.Errorf("ConnectStream: %w", err)
+	}
+	timer := time.NewTimer(stTimeout)
+	defer timer.Stop()
+	for c2, a := connected, accepted; c2 != nil || a != nil; {
+		select {
+		case <-c2:
+			c2 = nil
+		case s = <-a:
+			a = nil
+		case <-timer.C:
+			c.Socket().Abort()
+			srv.Close()
+			return nil, nil, nil, fmt.Errorf("connect-cbs did not run within %v", stTimeout)
+		}
+	}
+	return c, s, srv, nil
+}
+
+// stPair is stDial for a test.
+func stPair(t *testing.T, l *asynctcp.Loop, o stPairOpts) (c, s *asynctcp.Stream, srv *asynctcp.Server) {
+	t.Helper()
+	c, s, srv, err := stDial(l, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, s, srv
+}
+
+// stReadAll reads st until an error and returns the bytes and the error.
+func stReadAll(st *asynctcp.Stream) ([]byte, error) {
+	var got []byte
+	buf := make([]byte, 4096)
+	for {
+		n, err := st.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			return got, err
+		}
+	}
+}
+
+type stReadResult struct {
+	data []byte
+	err  error
+}
+
+// stGoRead reads st in a goroutine until an error.
+func stGoRead(st *asynctcp.Stream) <-chan stReadResult {
+	ch := make(chan stReadResult, 1)
+	go func() {
+		data, err := stReadAll(st)
+		ch <- stReadResult{data, err}
+	}()
+	return ch
+}
+
+// stGoReadOnce runs one Read of st in a goroutine.
+func stGoReadOnce(st *asynctcp.Stream, size int) <-chan stReadResult {
+	ch := make(chan stReadResult, 1)
+	go func() {
+		buf := make([]byte, size)
+		n, err := st.Read(buf)
+		ch <- stReadResult{buf[:n], err}
+	}()
+	return ch
+}
+
+func stWantTimeout(t *testing.T, err error, what string) {
+	t.Helper()
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("%s: err = %v (%T), want a net.Error with Timeout() true", what, err, err)
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("%s: err = %v, want errors.Is(err, os.ErrDeadlineExceeded)", what, err)
+	}
+}
+
+func stWantClosed(t *testing.T, err error, sock *asynctcp.Socket, what string) {
+	t.Helper()
+	var ev *asynctcp.Event
+	if !errors.As(err, &ev) || !errors.Is(err, asynctcp.ErrSocketClosed) {
+		t.Fatalf("%s: err = %v (%T), want an *asynctcp.Event of class ErrSocketClosed", what, err, err)
+	}
+	if ev.Socket != sock {
+		t.Errorf("%s: event Socket = %p, want %p", what, ev.Socket, sock)
+	}
+}
+
+// stRawListen listens on loopback with the net package, closed at cleanup.
+func stRawListen(t *testing.T) (*net.TCPListener, int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln.(*net.TCPListener), stPort(t, ln.Addr())
+}
+
+// stRawAccept accepts one connection, closed at cleanup.
+func stRawAccept(t *testing.T, ln *net.TCPListener) *net.TCPConn {
+	t.Helper()
+	ln.SetDeadline(time.Now().Add(stTimeout))
+	c, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatalf("accept: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// stRawDial dials port on loopback, closed at cleanup.
+func stRawDial(t *testing.T, port int) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), stTimeout)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// TestStreamPassesNettestConn runs x/net/nettest's net.Conn conformance
+// suite over a ConnectStream stream and the stream of its accepted socket
+// (SPEC rule 17).
+func TestStreamPassesNettestConn(t *testing.T) {
+	nettest.TestConn(t, func() (c1, c2 net.Conn, stop func(), err error) {
+		l := &asynctcp.Loop{}
+		c, s, srv, err := stDial(l, stPairOpts{})
+		if err != nil {
+			l.Exit(err)
+			select {
+			case <-stGoWait(l):
+			case <-time.After(stTimeout):
+				t.Errorf("Loop.Wait did not return after Exit (stats %+v)", l.Stats())
+			}
+			return nil, nil, nil, err
+		}
+		stop = func() {
+			c.Close()
+			s.Close()
+			srv.Close()
+			select {
+			case err := <-stGoWait(l):
+				if err != nil {
+					t.Errorf("Loop.Wait = %v, want nil", err)
+				}
+			case <-time.After(stTimeout):
+				t.Errorf("stop: Loop.Wait did not return within %v (stats %+v)", stTimeout, l.Stats())
+				l.Exit(errStTestFailed)
+				<-stGoWait(l)
+			}
+		}
+		return c, s, stop, nil
+	})
+}
+
+// TestStreamModeCallbacksAreNotifications checks ConnectStream and
+// ListenStream: each read-cb gets the socket and a stream over its input
+// buffer, and reads what is buffered from it.
+func TestStreamModeCallbacksAreNotifications(t *testing.T) {
+	l := stLoop(t)
+	const ask, answer = "question from the client", "answer from the server"
+	var srvGot, cliGot []byte // owned by the callbacks of one socket each
+	srvDone := make(chan []byte, 1)
+	cliDone := make(chan []byte, 1)
+	bad := make(chan string, 4)
+	srv, err := l.ListenStream("127.0.0.1", 0, func(s *asynctcp.Socket, st *asynctcp.Stream) {
+		if st == nil || st.Socket() != s {
+			bad <- "server read-cb: stream is not a view of its socket"
+			return
+		}
+		buf := make([]byte, 7) // small: the callback may read in several pieces
+		for {
+			n, err := st.TryRead(buf)
+			if err != nil {
+				bad <- fmt.Sprintf("server TryRead: %v", err)
+				return
+			}
+			if n == 0 {
+				break
+			}
+			srvGot = append(srvGot, buf[:n]...)
+		}
+		if len(srvGot) == len(ask) {
+			srvDone <- srvGot
+			if _, err := st.WriteString(answer); err != nil {
+				bad <- fmt.Sprintf("server WriteString: %v", err)
+			}
+		}
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c *asynctcp.Stream
+	cStarted := make(chan struct{})
+	c, err = l.ConnectStream("127.0.0.1", stPort(t, srv.Addr()), func(s *asynctcp.Socket, st *asynctcp.Stream) {
+		<-cStarted
+		if st == nil || st.Socket() != s || s != c.Socket() {
+			bad <- "client read-cb: stream is not a view of its socket"
+			return
+		}
+		n := st.Buffered()
+		if n == 0 {
+			bad <- "client read-cb ran with nothing buffered"
+			return
+		}
+		buf := make([]byte, n)
+		if _, err := io.ReadFull(st, buf); err != nil {
+			bad <- fmt.Sprintf("client ReadFull of Buffered() bytes: %v", err)
+			return
+		}
+		cliGot = append(cliGot, buf...)
+		if len(cliGot) == len(answer) {
+			cliDone <- cliGot
+		}
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	close(cStarted)
+	if _, err := c.Write([]byte(ask)); err != nil {
+		t.Fatalf("Write before the connection is up: %v", err)
+	}
+	select {
+	case got := <-srvDone:
+		if string(got) != ask {
+			t.Fatalf("server got %q, want %q", got, ask)
+		}
+	case msg := <-bad:
+		t.Fatal(msg)
+	case <-time.After(stTimeout):
+		t.Fatal("server did not get the question")
+	}
+	select {
+	case got := <-cliDone:
+		if string(got) != answer {
+			t.Fatalf("client got %q, want %q", got, answer)
+		}
+	case msg := <-bad:
+		t.Fatal(msg)
+	case <-time.After(stTimeout):
+		t.Fatal("client did not get the answer")
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("client Close: %v", err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+	select {
+	case msg := <-bad:
+		t.Fatal(msg)
+	default:
+	}
+}
+
+// TestNewStreamOnConnectSocket checks NewStream over a socket made by
+// Connect (not in stream mode): it writes through the socket's output
+// buffer, the read-cb still gets the input, and Read sees the end.
+func TestNewStreamOnConnectSocket(t *testing.T) {
+	l := stLoop(t)
+	ln, port := stRawListen(t)
+	got := make(chan []byte, 16)
+	sock, err := l.Connect("127.0.0.1", port, func(s *asynctcp.Socket, data []byte) { got <- data }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := stRawAccept(t, ln)
+	st := asynctcp.NewStream(sock)
+	if st.Socket() != sock {
+		t.Fatal("NewStream(s).Socket() != s")
+	}
+	if _, err := st.WriteString("ping"); err != nil {
+		t.Fatalf("WriteString: %v", err)
+	}
+	if err := st.Flush(); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	buf := make([]byte, 4)
+	peer.SetReadDeadline(time.Now().Add(stTimeout))
+	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("peer read %q, %v; want \"ping\"", buf, err)
+	}
+	if _, err := peer.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	var in []byte
+	for len(in) < 4 {
+		in = append(in, stRecv(t, got, "the read-cb")...)
+	}
+	if string(in) != "pong" {
+		t.Fatalf("read-cb got %q, want \"pong\"", in)
+	}
+	if n := st.Buffered(); n != 0 {
+		t.Fatalf("Buffered() = %d on a socket whose read-cb takes the input, want 0", n)
+	}
+	if n, err := st.TryRead(buf); n != 0 || err != nil {
+		t.Fatalf("TryRead = %d, %v; want 0, nil", n, err)
+	}
+	reading := stGoRead(st)
+	peer.Close()
+	r := stRecv(t, reading, "Read to see the end of the stream")
+	if len(r.data) != 0 || r.err != io.EOF {
+		t.Fatalf("Read = %q, %v; want nothing, then io.EOF", r.data, r.err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatalf("Close after the peer's EOF = %v, want nil", err)
+	}
+	stWaitLoop(t, l)
+}
+
+// TestDontDrainReadBuffer checks DontDrainReadBuffer on Connect and on
+// Listen: the read-cb gets nil data and the bytes wait in the socket's
+// input buffer for a stream to read them.
+func TestDontDrainReadBuffer(t *testing.T) {
+	const msg = "bytes that stay in the input buffer"
+	check := func(t *testing.T, sock *asynctcp.Socket, peer net.Conn, calls <-chan []byte) {
+		t.Helper()
+		if _, err := peer.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if data := stRecv(t, calls, "the read-cb"); data != nil {
+			t.Fatalf("read-cb got data %q, want nil", data)
+		}
+		st := asynctcp.NewStream(sock)
+		buf := make([]byte, len(msg))
+		st.SetReadDeadline(time.Now().Add(stTimeout))
+		if _, err := io.ReadFull(st, buf); err != nil || string(buf) != msg {
+			t.Fatalf("stream read %q, %v; want %q", buf, err, msg)
+		}
+		if n, err := st.TryRead(buf); n != 0 || err != nil {
+			t.Fatalf("TryRead after reading everything = %d, %v; want 0, nil", n, err)
+		}
+		// The callback saw no bytes in any call.
+		for {
+			select {
+			case data := <-calls:
+				if data != nil {
+					t.Fatalf("read-cb got data %q, want nil", data)
+				}
+				continue
+			default:
+			}
+			break
+		}
+		if err := sock.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+		peer.SetReadDeadline(time.Now().Add(stTimeout))
+		if n, err := peer.Read(buf); err != io.EOF {
+			t.Fatalf("peer Read after Close = %d, %v; want io.EOF", n, err)
+		}
+	}
+	t.Run("Connect", func(t *testing.T) {
+		l := stLoop(t)
+		ln, port := stRawListen(t)
+		calls := make(chan []byte, 64)
+		sock, err := l.Connect("127.0.0.1", port, func(s *asynctcp.Socket, data []byte) { calls <- data }, nil,
+			asynctcp.DontDrainReadBuffer())
+		if err != nil {
+			t.Fatal(err)
+		}
+		peer := stRawAccept(t, ln)
+		check(t, sock, peer, calls)
+		stWaitLoop(t, l)
+	})
+	t.Run("Listen", func(t *testing.T) {
+		l := stLoop(t)
+		calls := make(chan []byte, 64)
+		socks := make(chan *asynctcp.Socket, 1)
+		srv, err := l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) { calls <- data }, nil,
+			asynctcp.DontDrainReadBuffer(), asynctcp.OnConnect(func(s *asynctcp.Socket) { socks <- s }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		peer := stRawDial(t, stPort(t, srv.Addr()))
+		sock := stRecv(t, socks, "the accepted socket")
+		check(t, sock, peer, calls)
+		srv.Close()
+		stWaitLoop(t, l)
+	})
+}
+
+// TestStreamReadReturnsWhatIsBuffered checks Read (what is buffered;
+// blocks only while nothing is), TryRead, ReadByte, Buffered and ClearInput.
+func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	buf := make([]byte, 100)
+
+	if n, err := s.TryRead(buf); n != 0 || err != nil {
+		t.Fatalf("TryRead on an empty stream = %d, %v; want 0, nil", n, err)
+	}
+	if n := s.Buffered(); n != 0 {
+		t.Fatalf("Buffered() = %d on an empty stream, want 0", n)
+	}
+	if _, err := c.Write([]byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	stEventually(t, "3 bytes buffered", func() bool { return s.Buffered() == 3 })
+	if n, err := s.Read(buf); n != 3 || err != nil || string(buf[:3]) != "abc" {
+		t.Fatalf("Read = %d %q, %v; want 3 \"abc\", nil", n, buf[:n], err)
+	}
+	if n := s.Buffered(); n != 0 {
+		t.Fatalf("Buffered() after Read = %d, want 0", n)
+	}
+	if n, err := s.Read(nil); n != 0 || err != nil {
+		t.Fatalf("Read(nil) = %d, %v; want 0, nil without blocking", n, err)
+	}
+
+	// Nothing buffered: Read blocks until a byte arrives.
+	reading := stGoReadOnce(s, 100)
+	stNotYet(t, reading, 150*time.Millisecond, "Read with nothing buffered")
+	if err := c.WriteByte('d'); err != nil {
+		t.Fatal(err)
+	}
+	if r := stRecv(t, reading, "the blocked Read"); string(r.data) != "d" || r.err != nil {
+		t.Fatalf("blocked Read = %q, %v; want \"d\", nil", r.data, r.err)
+	}
+
+	// A short buffer takes part of what is buffered; the rest stays.
+	if _, err := c.WriteString("efgh"); err != nil {
+		t.Fatal(err)
+	}
+	stEventually(t, "4 bytes buffered", func() bool { return s.Buffered() == 4 })
+	if n, err := s.TryRead(buf[:2]); n != 2 || err != nil || string(buf[:2]) != "ef" {
+		t.Fatalf("TryRead(2) = %d %q, %v; want 2 \"ef\", nil", n, buf[:n], err)
+	}
+	if n := s.Buffered(); n != 2 {
+		t.Fatalf("Buffered() = %d, want 2", n)
+	}
+	if b, err := s.ReadByte(); b != 'g' || err != nil {
+		t.Fatalf("ReadByte = %q, %v; want 'g', nil", b, err)
+	}
+	if b, err := s.ReadByte(); b != 'h' || err != nil {
+		t.Fatalf("ReadByte = %q, %v; want 'h', nil", b, err)
+	}
+
+	// ReadByte blocks like Read.
+	type byteResult struct {
+		b   byte
+		err error
+	}
+	rb := make(chan byteResult, 1)
+	go func() {
+		b, err := s.ReadByte()
+		rb <- byteResult{b, err}
+	}()
+	stNotYet(t, rb, 100*time.Millisecond, "ReadByte with nothing buffered")
+	if err := c.WriteByte('i'); err != nil {
+		t.Fatal(err)
+	}
+	if r := stRecv(t, rb, "the blocked ReadByte"); r.b != 'i' || r.err != nil {
+		t.Fatalf("ReadByte = %q, %v; want 'i', nil", r.b, r.err)
+	}
+
+	// ClearInput drops what is buffered, and only that.
+	if _, err := c.WriteString("dropped"); err != nil {
+		t.Fatal(err)
+	}
+	stEventually(t, "7 bytes buffered", func() bool { return s.Buffered() == 7 })
+	s.ClearInput()
+	if n := s.Buffered(); n != 0 {
+		t.Fatalf("Buffered() after ClearInput = %d, want 0", n)
+	}
+	if n, err := s.TryRead(buf); n != 0 || err != nil {
+		t.Fatalf("TryRead after ClearInput = %d %q, %v; want 0, nil", n, buf[:n], err)
+	}
+	if _, err := c.WriteString("kept"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.SetReadDeadline(time.Now().Add(stTimeout))
+	if got, err := stReadAll(s); string(got) != "kept" || err != io.EOF {
+		t.Fatalf("after ClearInput, read %q, %v; want \"kept\", io.EOF", got, err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamWritesQueue checks that Write, WriteString and WriteByte queue
+// on the socket's output buffer (visible in Socket.Buffered while writing
+// is disabled) and return at once, and that ClearOutput drops what is
+// queued.
+func TestStreamWritesQueue(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	if err := c.Socket().Disable(asynctcp.EvWrite); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Write([]byte("dropped ")); n != 8 || err != nil {
+		t.Fatalf("Write = %d, %v; want 8, nil", n, err)
+	}
+	if got := c.Socket().Buffered(); got != 8 {
+		t.Fatalf("Socket().Buffered() = %d, want 8", got)
+	}
+	c.ClearOutput()
+	if got := c.Socket().Buffered(); got != 0 {
+		t.Fatalf("Socket().Buffered() after ClearOutput = %d, want 0", got)
+	}
+	p := []byte("ab")
+	if n, err := c.Write(p); n != 2 || err != nil {
+		t.Fatalf("Write = %d, %v; want 2, nil", n, err)
+	}
+	p[0] = 'X' // Write copied p
+	if n, err := c.WriteString("cd"); n != 2 || err != nil {
+		t.Fatalf("WriteString = %d, %v; want 2, nil", n, err)
+	}
+	if err := c.WriteByte('e'); err != nil {
+		t.Fatalf("WriteByte: %v", err)
+	}
+	if got := c.Socket().Buffered(); got != 5 {
+		t.Fatalf("Socket().Buffered() = %d, want 5", got)
+	}
+	if err := c.Socket().Enable(asynctcp.EvWrite); err != nil {
+		t.Fatal(err)
+	}
+	c.SetWriteDeadline(time.Now().Add(stTimeout))
+	if err := c.Flush(); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	if got := c.Socket().Buffered(); got != 0 {
+		t.Fatalf("Socket().Buffered() after Flush = %d, want 0", got)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.SetReadDeadline(time.Now().Add(stTimeout))
+	if got, err := stReadAll(s); string(got) != "abcde" || err != io.EOF {
+		t.Fatalf("server read %q, %v; want \"abcde\", io.EOF", got, err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamFlushWaitsForOutput checks Flush: it blocks while the peer
+// does not read, a write deadline bounds it (timeout, socket open), and it
+// returns nil once everything was written.
+func TestStreamFlushWaitsForOutput(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	const size = 16 << 20
+	ref := stRef(size)
+	if err := c.Socket().WriteData(ref[:size]); err != nil {
+		t.Fatal(err)
+	}
+	// The peer does not read: the output cannot drain.
+	c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	start := time.Now()
+	err := c.Flush()
+	stWantTimeout(t, err, "Flush past the write deadline")
+	if el := time.Since(start); el < 150*time.Millisecond {
+		t.Fatalf("Flush returned after %v, before the deadline", el)
+	}
+	if c.Socket().Closed() || c.Socket().Buffered() == 0 {
+		t.Fatalf("after the Flush timeout: Closed() = %v, Buffered() = %d; want an open socket with output queued",
+			c.Socket().Closed(), c.Socket().Buffered())
+	}
+
+	c.SetWriteDeadline(time.Time{})
+	reading := make(chan error, 1)
+	go func() {
+		buf := make([]byte, size)
+		if _, err := io.ReadFull(s, buf); err != nil {
+			reading <- err
+			return
+		}
+		reading <- stCheckPattern(ref, buf, 0)
+	}()
+	flushed := make(chan error, 1)
+	go func() { flushed <- c.Flush() }()
+	if err := stRecv(t, flushed, "Flush while the peer reads"); err != nil {
+		t.Fatalf("Flush = %v, want nil", err)
+	}
+	if n := c.Socket().Buffered(); n != 0 {
+		t.Fatalf("Buffered() after Flush = %d, want 0", n)
+	}
+	if err := stRecv(t, reading, "the server reading 16 MiB"); err != nil {
+		t.Fatalf("server read: %v", err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatalf("Flush with nothing queued = %v, want nil", err)
+	}
+	c.Close()
+	s.Close()
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamFlushReturnsSocketError checks that Flush returns the socket's
+// error where the socket dies with output queued: the peer resets, so the
+// error is the socket's ErrTCPEOF event with Code set (SPEC rule 5).
+func TestStreamFlushReturnsSocketError(t *testing.T) {
+	l := stLoop(t)
+	events := make(chan error, 4)
+	c, s, srv := stPair(t, l, stPairOpts{clientEvent: func(ev error) { events <- ev }})
+	const size = 16 << 20
+	if err := c.Socket().WriteData(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- c.Flush() }()
+	stNotYet(t, flushed, 200*time.Millisecond, "Flush while the peer does not read")
+	if c.Socket().Buffered() == 0 {
+		t.Fatal("all output was written while the peer did not read")
+	}
+	tc, ok := s.Socket().Conn().(*net.TCPConn)
+	if !ok {
+		t.Fatalf("server Conn() is a %T, want *net.TCPConn", s.Socket().Conn())
+	}
+	if err := tc.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Socket().Abort(); err != nil { // RST
+		t.Fatal(err)
+	}
+	err := stRecv(t, flushed, "Flush after the peer reset")
+	ev := stRecv(t, events, "the client's event after the reset")
+	var e *asynctcp.Event
+	if !errors.As(ev, &e) || !errors.Is(ev, asynctcp.ErrTCPEOF) || e.Code == -1 {
+		t.Errorf("client event after the peer's reset = %v (%T), want an ErrTCPEOF *Event with Code set", ev, ev)
+	}
+	if err == nil {
+		t.Fatalf("Flush = nil after the peer reset the connection with output still queued "+
+			"(%d bytes never written), want the socket's error", size)
+	}
+	var fe *asynctcp.Event
+	if !errors.As(err, &fe) || !errors.Is(err, asynctcp.ErrTCPEOF) || fe.Code == -1 {
+		t.Fatalf("Flush after the peer's reset = %v (%T), want the socket's ErrTCPEOF *Event with Code set", err, err)
+	}
+	t.Logf("Flush after reset: %v (class %v, code %d)", err, fe.Class, fe.Code)
+	stEventually(t, "the client socket to close after the reset", c.Socket().Closed)
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamReadAtEOF checks that after the peer's EOF a stream returns
+// the rest of the input, then io.EOF, even after asynctcp closed the
+// socket; that Stream.Close then returns nil; and that on a socket the
+// application closed, Close and Read return an ErrSocketClosed event.
+func TestStreamReadAtEOF(t *testing.T) {
+	l := stLoop(t)
+	events := make(chan error, 4)
+	c, s, srv := stPair(t, l, stPairOpts{serverEvent: func(ev error) { events <- ev }})
+	if _, err := c.WriteString("the tail"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ev := stRecv(t, events, "the server's EOF event")
+	if !errors.Is(ev, asynctcp.ErrTCPEOF) {
+		t.Fatalf("server event = %v, want ErrTCPEOF", ev)
+	}
+	stEventually(t, "asynctcp to close the server socket after its EOF", s.Socket().Closed)
+	if n := s.Buffered(); n != len("the tail") {
+		t.Fatalf("Buffered() after EOF = %d, want %d", n, len("the tail"))
+	}
+	buf := make([]byte, 3)
+	var got []byte
+	var err error
+	for err == nil {
+		var n int
+		n, err = s.Read(buf)
+		got = append(got, buf[:n]...)
+	}
+	if string(got) != "the tail" || err != io.EOF {
+		t.Fatalf("reads after EOF: %q, %v; want \"the tail\", io.EOF", got, err)
+	}
+	if n, err := s.Read(buf); n != 0 || err != io.EOF {
+		t.Fatalf("Read again = %d, %v; want 0, io.EOF", n, err)
+	}
+	if n, err := s.TryRead(buf); n != 0 || err != io.EOF {
+		t.Fatalf("TryRead at EOF = %d, %v; want 0, io.EOF", n, err)
+	}
+	if _, err := s.ReadByte(); err != io.EOF {
+		t.Fatalf("ReadByte at EOF = %v, want io.EOF", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Stream.Close after asynctcp closed the socket at EOF = %v, want nil", err)
+	}
+
+	// The client: closed by the application.
+	stWantClosed(t, c.Close(), c.Socket(), "Stream.Close after the application closed the socket")
+	n, err := c.Read(buf)
+	if n != 0 {
+		t.Fatalf("Read on an application-closed stream = %d bytes", n)
+	}
+	stWantClosed(t, err, c.Socket(), "Read after the application closed the socket")
+	_, err = c.Write([]byte("x"))
+	stWantClosed(t, err, c.Socket(), "Write after the application closed the socket")
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamReadAfterResetGivesEvent checks that after a reset by the peer
+// a stream returns the rest of the input, then the socket's ErrTCPEOF
+// event with Code set.
+func TestStreamReadAfterResetGivesEvent(t *testing.T) {
+	l := stLoop(t)
+	ln, port := stRawListen(t)
+	events := make(chan error, 4)
+	c, err := l.ConnectStream("127.0.0.1", port, nil, func(ev error) { events <- ev })
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := stRawAccept(t, ln)
+	if _, err := peer.Write([]byte("the rest")); err != nil {
+		t.Fatal(err)
+	}
+	stEventually(t, "8 bytes buffered", func() bool { return c.Buffered() == 8 })
+	if err := peer.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	peer.Close() // RST
+	ev := stRecv(t, events, "the client's event after the reset")
+	var e *asynctcp.Event
+	if !errors.As(ev, &e) || !errors.Is(ev, asynctcp.ErrTCPEOF) || e.Code == -1 {
+		t.Fatalf("event after reset = %v (%T), want an ErrTCPEOF *Event with Code set", ev, ev)
+	}
+	stEventually(t, "asynctcp to close the socket after the reset", c.Socket().Closed)
+	got, err := stReadAll(c)
+	if string(got) != "the rest" {
+		t.Fatalf("read after reset: %q, want \"the rest\"", got)
+	}
+	var re *asynctcp.Event
+	if !errors.As(err, &re) || !errors.Is(err, asynctcp.ErrTCPEOF) || re.Code == -1 {
+		t.Fatalf("Read after the rest = %v (%T), want an ErrTCPEOF *Event with Code set", err, err)
+	}
+	if re.Socket != c.Socket() {
+		t.Errorf("Read error's Socket = %p, want %p", re.Socket, c.Socket())
+	}
+	if err == io.EOF {
+		t.Fatal("Read after a reset returned io.EOF, want the event")
+	}
+	if n, err := c.TryRead(make([]byte, 8)); n != 0 || !errors.Is(err, asynctcp.ErrTCPEOF) {
+		t.Fatalf("TryRead after the reset = %d, %v; want 0, the ErrTCPEOF event", n, err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("Stream.Close after asynctcp closed the socket on a reset = %v, want nil", err)
+	}
+	stWaitLoop(t, l)
+}
+
+// TestStreamCloseAfterApplicationClose checks that Stream.Close returns an
+// ErrSocketClosed event where the application closed the socket already.
+func TestStreamCloseAfterApplicationClose(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	if err := s.Socket().Abort(); err != nil {
+		t.Fatal(err)
+	}
+	stWantClosed(t, s.Close(), s.Socket(), "Stream.Close after Socket.Abort")
+	// The client may see the abort first and close itself: either way the
+	// first Stream.Close returns nil and the second an ErrSocketClosed.
+	if err := c.Close(); err != nil {
+		t.Fatalf("first Close = %v, want nil", err)
+	}
+	stWantClosed(t, c.Close(), c.Socket(), "second Stream.Close")
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamWriteBlocksOverOneMiB checks that Stream.Write blocks only
+// while more than 1 MiB is queued, that a write deadline ends the blocked
+// Write with a timeout and leaves the socket usable, and that every byte
+// written arrives once the peer reads.
+func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	const chunk = 64 << 10
+	var chunks atomic.Int64
+	type writeEnd struct {
+		n   int // what the failing Write queued
+		err error
+	}
+	wrote := make(chan writeEnd, 1)
+	go func() {
+		p := make([]byte, chunk)
+		var off int64
+		for {
+			for i := range p {
+				p[i] = stPattern(off + int64(i))
+			}
+			if n, err := c.Write(p); err != nil {
+				wrote <- writeEnd{n, err}
+				return
+			}
+			off += chunk
+			chunks.Add(1)
+		}
+	}()
+	n := stStall(t, "the stream writer", chunks.Load)
+	queued := c.Socket().Buffered()
+	t.Logf("writer blocked after %d chunks (%d bytes), %d queued", n, n*chunk, queued)
+	if queued <= 1<<20 || queued > 1<<20+chunk {
+		t.Fatalf("writer blocked with Socket().Buffered() = %d, want over 1 MiB and at most 1 MiB + one chunk", queued)
+	}
+	select {
+	case end := <-wrote:
+		t.Fatalf("writer ended: %v", end.err)
+	default:
+	}
+	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	end := stRecv(t, wrote, "the blocked Write to time out")
+	stWantTimeout(t, end.err, "blocked Write at the deadline")
+	if end.n != 0 {
+		t.Fatalf("the timed-out Write returned n = %d, want 0 (it queues nothing)", end.n)
+	}
+	if c.Socket().Closed() {
+		t.Fatal("socket closed after a write deadline")
+	}
+	total := chunks.Load() * chunk
+	if got := c.Socket().Buffered(); got != int(queued) {
+		t.Fatalf("Buffered() = %d after the timed-out Write, want %d (it queues nothing)", got, queued)
+	}
+
+	c.SetWriteDeadline(time.Time{})
+	reading := make(chan error, 1)
+	go func() {
+		ref := stRef(256 << 10)
+		buf := make([]byte, 256<<10)
+		var off int64
+		for off < total {
+			m := int(min(int64(len(buf)), total-off))
+			if _, err := io.ReadFull(s, buf[:m]); err != nil {
+				reading <- fmt.Errorf("at offset %d: %w", off, err)
+				return
+			}
+			if err := stCheckPattern(ref, buf[:m], off); err != nil {
+				reading <- err
+				return
+			}
+			off += int64(m)
+		}
+		reading <- nil
+	}()
+	flushed := make(chan error, 1)
+	go func() { flushed <- c.Flush() }()
+	if err := stRecv(t, flushed, "Flush once the peer reads"); err != nil {
+		t.Fatalf("Flush after the write timeout = %v, want nil", err)
+	}
+	if err := stRecv(t, reading, "the server reading everything written"); err != nil {
+		t.Fatalf("server read: %v", err)
+	}
+	if _, err := c.Write([]byte("end")); err != nil {
+		t.Fatalf("Write after the timeout: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s.SetReadDeadline(time.Now().Add(stTimeout))
+	if got, err := stReadAll(s); string(got) != "end" || err != io.EOF {
+		t.Fatalf("server read %q, %v after the flushed bytes; want \"end\", io.EOF", got, err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamReadDeadlineLeavesSocketUsable checks that a read deadline
+// ends a blocked Read with a timeout, and that the socket stays open: after
+// the deadline is cleared, a Read gets the data.
+func TestStreamReadDeadlineLeavesSocketUsable(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	buf := make([]byte, 16)
+
+	s.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	start := time.Now()
+	n, err := s.Read(buf)
+	if n != 0 {
+		t.Fatalf("Read = %d bytes, want 0", n)
+	}
+	stWantTimeout(t, err, "Read at the deadline")
+	if el := time.Since(start); el < 80*time.Millisecond {
+		t.Fatalf("Read timed out after %v, before the deadline", el)
+	}
+	// A deadline in the past times out at once; so does ReadByte.
+	if _, err := s.Read(buf); err == nil {
+		t.Fatal("Read past the deadline succeeded with nothing buffered")
+	}
+	_, err = s.ReadByte()
+	stWantTimeout(t, err, "ReadByte past the deadline")
+	if s.Socket().Closed() {
+		t.Fatal("socket closed by a read deadline")
+	}
+
+	// SetDeadline covers both directions.
+	s.SetDeadline(time.Now().Add(-time.Second))
+	_, err = s.Write([]byte("x"))
+	stWantTimeout(t, err, "Write past SetDeadline")
+	_, err = s.Read(buf)
+	stWantTimeout(t, err, "Read past SetDeadline")
+
+	s.SetDeadline(time.Time{})
+	reading := stGoReadOnce(s, 16)
+	stNotYet(t, reading, 100*time.Millisecond, "Read after the deadline was cleared")
+	if _, err := c.WriteString("late"); err != nil {
+		t.Fatal(err)
+	}
+	if r := stRecv(t, reading, "Read after the deadline was cleared"); string(r.data) != "late" || r.err != nil {
+		t.Fatalf("Read = %q, %v; want \"late\", nil", r.data, r.err)
+	}
+	if _, err := s.WriteString("reply"); err != nil {
+		t.Fatalf("Write after the deadline was cleared: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(stTimeout))
+	got := make([]byte, 5)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "reply" {
+		t.Fatalf("client read %q, %v; want \"reply\"", got, err)
+	}
+	c.Close()
+	s.Close()
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamDeadlinesBelongToEachView checks that two streams over one
+// socket have their own deadlines: one view's deadline does not end a Read
+// blocked on the other.
+func TestStreamDeadlinesBelongToEachView(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	v1 := asynctcp.NewStream(s.Socket())
+	v2 := asynctcp.NewStream(s.Socket())
+	blocked := stGoReadOnce(v2, 16)
+	v1.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	_, err := v1.Read(make([]byte, 16))
+	stWantTimeout(t, err, "Read on the view with the deadline")
+	stNotYet(t, blocked, 200*time.Millisecond, "Read on the view without a deadline")
+	// A deadline in the past on one view: the other still writes.
+	v1.SetWriteDeadline(time.Now().Add(-time.Second))
+	if _, err := v1.Write([]byte("x")); err == nil {
+		t.Fatal("Write on the view with a passed write deadline succeeded")
+	}
+	if _, err := v2.WriteString("from v2"); err != nil {
+		t.Fatalf("Write on the other view: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(stTimeout))
+	got := make([]byte, 7)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "from v2" {
+		t.Fatalf("client read %q, %v; want \"from v2\"", got, err)
+	}
+	if _, err := c.WriteString("hi"); err != nil {
+		t.Fatal(err)
+	}
+	if r := stRecv(t, blocked, "the blocked Read on the view without a deadline"); string(r.data) != "hi" || r.err != nil {
+		t.Fatalf("Read on the view without a deadline = %q, %v; want \"hi\", nil", r.data, r.err)
+	}
+	c.Close()
+	s.Close()
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamInputLimitBoundsUnreadInput checks SPEC rule 16: a raw peer
+// writes 128 MiB to a stream nobody reads; the socket stops reading at the
+// input limit, and every byte arrives in order once the stream is read.
+func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
+	cases := []struct {
+		name    string
+		connect bool // ConnectStream (else ListenStream)
+		limit   int
+		size    int64
+		opts    []asynctcp.Option
+	}{
+		{"ListenStream/default", false, 1 << 20, 128 << 20, nil},
+		{"ConnectStream/default", true, 1 << 20, 128 << 20, nil},
+		{"ListenStream/64KiB", false, 64 << 10, 32 << 20, []asynctcp.Option{asynctcp.InputLimit(64 << 10)}},
+		{"ConnectStream/64KiB", true, 64 << 10, 32 << 20, []asynctcp.Option{asynctcp.InputLimit(64 << 10)}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			l := stLoop(t)
+			var st *asynctcp.Stream
+			var peer *net.TCPConn
+			var srv *asynctcp.Server
+			if tc.connect {
+				ln, port := stRawListen(t)
+				var err error
+				st, err = l.ConnectStream("127.0.0.1", port, nil, nil, tc.opts...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				peer = stRawAccept(t, ln)
+			} else {
+				accepted := make(chan *asynctcp.Stream, 1)
+				var err error
+				srv, err = l.ListenStream("127.0.0.1", 0, nil, nil, append(tc.opts,
+					asynctcp.OnConnect(func(s *asynctcp.Socket) { accepted <- asynctcp.NewStream(s) }))...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				peer = stRawDial(t, stPort(t, srv.Addr()))
+				st = stRecv(t, accepted, "the accepted socket")
+			}
+
+			var sent atomic.Int64
+			wrote := make(chan error, 1)
+			go func() {
+				ref := stRef(64 << 10)
+				var off int64
+				for off < tc.size {
+					m := int(min(int64(64<<10), tc.size-off))
+					k := int(off % 251)
+					n, err := peer.Write(ref[k : k+m])
+					off += int64(n)
+					sent.Store(off)
+					if err != nil {
+						wrote <- err
+						return
+					}
+				}
+				wrote <- peer.CloseWrite()
+			}()
+
+			stalled := stStall(t, "the raw peer", sent.Load)
+			buffered := st.Buffered()
+			t.Logf("peer stalled after %d bytes; stream holds %d (limit %d)", stalled, buffered, tc.limit)
+			if stalled >= tc.size {
+				t.Fatalf("the peer wrote all %d bytes to a stream nobody reads", tc.size)
+			}
+			if buffered > tc.limit {
+				t.Fatalf("Buffered() = %d with nobody reading, want at most the input limit %d", buffered, tc.limit)
+			}
+			if buffered == 0 {
+				t.Fatal("Buffered() = 0: the socket read nothing")
+			}
+
+			ref := stRef(256 << 10)
+			buf := make([]byte, 256<<10)
+			var off int64
+			st.SetReadDeadline(time.Now().Add(stTimeout))
+			for off < tc.size {
+				m := int(min(int64(len(buf)), tc.size-off))
+				if _, err := io.ReadFull(st, buf[:m]); err != nil {
+					t.Fatalf("ReadFull at offset %d: %v", off, err)
+				}
+				if err := stCheckPattern(ref, buf[:m], off); err != nil {
+					t.Fatal(err)
+				}
+				off += int64(m)
+			}
+			if n, err := st.Read(buf); n != 0 || err != io.EOF {
+				t.Fatalf("Read after %d bytes = %d, %v; want 0, io.EOF", tc.size, n, err)
+			}
+			if err := stRecv(t, wrote, "the raw peer to finish"); err != nil {
+				t.Fatalf("raw peer: %v", err)
+			}
+			if err := st.Close(); err != nil {
+				t.Fatalf("Stream.Close after EOF = %v, want nil", err)
+			}
+			peer.Close()
+			if srv != nil {
+				srv.Close()
+			}
+			stWaitLoop(t, l)
+		})
+	}
+}
+
+// TestStreamBufioScannerFromAnotherGoroutine reads lines with
+// bufio.Scanner over a stream, outside any callback.
+func TestStreamBufioScannerFromAnotherGoroutine(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	const lines = 5000
+	type scanResult struct {
+		lines []string
+		err   error
+	}
+	scanned := make(chan scanResult, 1)
+	go func() {
+		var r scanResult
+		sc := bufio.NewScanner(s)
+		for sc.Scan() {
+			r.lines = append(r.lines, sc.Text())
+		}
+		r.err = sc.Err()
+		scanned <- r
+	}()
+	wrote := make(chan error, 1)
+	go func() {
+		w := bufio.NewWriterSize(c, 1000) // flushes in pieces that split lines
+		for i := 0; i < lines; i++ {
+			if _, err := fmt.Fprintf(w, "line %d %s\n", i, strings.Repeat("x", i%97)); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		if err := w.Flush(); err != nil {
+			wrote <- err
+			return
+		}
+		wrote <- c.Close()
+	}()
+	if err := stRecv(t, wrote, "the writer"); err != nil {
+		t.Fatalf("writer: %v", err)
+	}
+	r := stRecv(t, scanned, "the scanner")
+	if r.err != nil {
+		t.Fatalf("Scanner.Err() = %v, want nil at EOF", r.err)
+	}
+	if len(r.lines) != lines {
+		t.Fatalf("scanned %d lines, want %d", len(r.lines), lines)
+	}
+	for i, line := range r.lines {
+		if want := fmt.Sprintf("line %d %s", i, strings.Repeat("x", i%97)); line != want {
+			t.Fatalf("line %d = %q, want %q", i, line, want)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close after EOF = %v, want nil", err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamIOCopyEcho runs an echo server whose per-socket goroutine does
+// io.Copy(st, st); the client sends 8 MiB and reads it back.
+func TestStreamIOCopyEcho(t *testing.T) {
+	// Registered before stLoop's cleanup, so it runs after it: on a
+	// failure the loop's Exit ends the echo goroutines' streams first.
+	var echoes sync.WaitGroup
+	t.Cleanup(echoes.Wait)
+	l := stLoop(t)
+	copied := make(chan error, 1)
+	srv, err := l.ListenStream("127.0.0.1", 0, nil, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) {
+		echoes.Add(1)
+		go func() {
+			defer echoes.Done()
+			st := asynctcp.NewStream(s)
+			_, err := io.Copy(st, st)
+			if cerr := st.Close(); err == nil {
+				err = cerr
+			}
+			copied <- err
+		}()
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.ConnectStream("127.0.0.1", stPort(t, srv.Addr()), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 8 << 20
+	ref := stRef(size)
+	wrote := make(chan error, 1)
+	go func() {
+		for off := 0; off < size; off += 100 << 10 {
+			if _, err := c.Write(ref[off:min(off+100<<10, size)]); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		wrote <- nil
+	}()
+	got := make([]byte, size)
+	c.SetReadDeadline(time.Now().Add(stTimeout))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("client ReadFull of the echo: %v", err)
+	}
+	if err := stCheckPattern(ref, got, 0); err != nil {
+		t.Fatalf("echo: %v", err)
+	}
+	if err := stRecv(t, wrote, "the client writer"); err != nil {
+		t.Fatalf("client Write: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := stRecv(t, copied, "the echo's io.Copy"); err != nil {
+		t.Fatalf("echo io.Copy / Close = %v, want nil at EOF", err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+	echoes.Wait()
+}
+
+// stCert makes a self-signed ECDSA certificate for 127.0.0.1 and
+// localhost.
+func stCert(t *testing.T) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "asynctcp stream test"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
+		DNSNames:              []string{"localhost"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+}
+
+// TestStreamCarriesTLS runs crypto/tls over a pair of streams: handshake,
+// then data both ways.
+func TestStreamCarriesTLS(t *testing.T) {
+	cert, pool := stCert(t)
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	tc := tls.Client(c, &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12})
+	ts := tls.Server(s, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	tc.SetDeadline(time.Now().Add(stTimeout))
+	ts.SetDeadline(time.Now().Add(stTimeout))
+
+	const size = 1 << 20
+	ref := stRef(size)
+	type result struct {
+		got []byte
+		err error
+	}
+	server := make(chan result, 1)
+	go func() {
+		if err := ts.Handshake(); err != nil {
+			server <- result{nil, fmt.Errorf("server handshake: %w", err)}
+			return
+		}
+		buf := make([]byte, size)
+		if _, err := io.ReadFull(ts, buf); err != nil {
+			server <- result{nil, fmt.Errorf("server read: %w", err)}
+			return
+		}
+		// Answer with the bytes reversed in 4 KiB blocks.
+		for i := 0; i < size; i += 4096 {
+			if _, err := ts.Write(buf[size-i-4096 : size-i]); err != nil {
+				server <- result{nil, fmt.Errorf("server write: %w", err)}
+				return
+			}
+		}
+		server <- result{buf, nil}
+	}()
+	if err := tc.Handshake(); err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	if st := tc.ConnectionState(); !st.HandshakeComplete || len(st.PeerCertificates) == 0 {
+		t.Fatalf("client connection state: %+v", st)
+	}
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := tc.Write(ref[:size])
+		wrote <- err
+	}()
+	got := make([]byte, size)
+	if _, err := io.ReadFull(tc, got); err != nil {
+		t.Fatalf("client read: %v", err)
+	}
+	if err := stRecv(t, wrote, "the client's TLS write"); err != nil {
+		t.Fatalf("client write: %v", err)
+	}
+	r := stRecv(t, server, "the TLS server")
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if err := stCheckPattern(ref, r.got, 0); err != nil {
+		t.Fatalf("server got: %v", err)
+	}
+	for i := 0; i < size; i += 4096 {
+		if !bytes.Equal(got[i:i+4096], ref[size-i-4096:size-i]) {
+			t.Fatalf("client got a wrong block at %d", i)
+		}
+	}
+	if err := tc.Close(); err != nil { // close_notify, then the stream
+		t.Fatalf("client tls Close: %v", err)
+	}
+	if n, err := ts.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("server Read after the client's close_notify = %d, %v; want 0, io.EOF", n, err)
+	}
+	if err := ts.Close(); err != nil {
+		t.Logf("server tls Close: %v", err) // its close_notify may find the socket closed at EOF
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+}
+
+// TestStreamClAsyncClientServer is cl-async's tcp-stream test: the client
+// writes with Stream.Write, the server (not in stream mode) answers
+// through NewStream(sock).Write inside its read-cb, and the client reads
+// the answer in its stream read-cb.
+func TestStreamClAsyncClientServer(t *testing.T) {
+	l := stLoop(t)
+	const hello, answer = "HELLO", "thanks for all the fish"
+	var srvGot []byte // owned by the server socket's callbacks
+	srvDone := make(chan []byte, 1)
+	bad := make(chan string, 4)
+	srv, err := l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		srvGot = append(srvGot, data...)
+		if len(srvGot) < len(hello) {
+			return
+		}
+		srvDone <- srvGot
+		if _, err := asynctcp.NewStream(s).Write([]byte(answer)); err != nil {
+			bad <- fmt.Sprintf("server stream Write: %v", err)
+		}
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cliGot []byte // owned by the client socket's callbacks
+	cliDone := make(chan []byte, 1)
+	c, err := l.ConnectStream("127.0.0.1", stPort(t, srv.Addr()), func(s *asynctcp.Socket, st *asynctcp.Stream) {
+		buf := make([]byte, 128)
+		n, err := st.Read(buf)
+		if err != nil {
+			bad <- fmt.Sprintf("client stream Read in read-cb: %v", err)
+			return
+		}
+		cliGot = append(cliGot, buf[:n]...)
+		if len(cliGot) >= len(answer) {
+			cliDone <- cliGot
+		}
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Write([]byte(hello)); n != len(hello) || err != nil {
+		t.Fatalf("client Write = %d, %v", n, err)
+	}
+	select {
+	case got := <-srvDone:
+		if !bytes.Equal(got, []byte(hello)) {
+			t.Fatalf("server got %q, want %q", got, hello)
+		}
+	case msg := <-bad:
+		t.Fatal(msg)
+	case <-time.After(stTimeout):
+		t.Fatal("server did not get the client's bytes")
+	}
+	select {
+	case got := <-cliDone:
+		if !bytes.Equal(got, []byte(answer)) {
+			t.Fatalf("client got %q, want %q", got, answer)
+		}
+	case msg := <-bad:
+		t.Fatal(msg)
+	case <-time.After(stTimeout):
+		t.Fatal("client did not get the answer")
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	stWaitLoop(t, l)
+	select {
+	case msg := <-bad:
+		t.Fatal(msg)
+	default:
+	}
+}
+
+// TestStreamAddrs checks the net.Conn address methods of a pair.
+func TestStreamAddrs(t *testing.T) {
+	l := stLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	if c.LocalAddr() == nil || s.RemoteAddr() == nil || c.LocalAddr().String() != s.RemoteAddr().String() {
+		t.Fatalf("client LocalAddr %v, server RemoteAddr %v; want equal", c.LocalAddr(), s.RemoteAddr())
+	}
+	if c.RemoteAddr() == nil || c.RemoteAddr().String() != srv.Addr().String() {
+		t.Fatalf("client RemoteAddr %v, server Addr %v; want equal", c.RemoteAddr(), srv.Addr())
+	}
+	c.Close()
+	s.Close()
+	srv.Close()
+	stWaitLoop(t, l)
+}
