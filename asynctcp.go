@@ -279,7 +279,7 @@ func TLS(cfg *tls.Config) Option {
 	if cfg == nil {
 		err = errors.New("nil *tls.Config")
 	}
-	return Option{name: "TLS", where: sockets, err: err, apply: func(c *config) { c.tls = cfg }}
+	return Option{name: "TLS", where: connects | listens, err: err, apply: func(c *config) { c.tls = cfg }}
 }
 
 // Dialer makes Connect dial with d: its Resolver, LocalAddr, KeepAlive,

@@ -869,10 +869,12 @@ func (s *Socket) finish() {
 			l.group.members.Add(-1)
 		}
 	}
+	// The loop first, so that Stats no longer counts a socket once
+	// Server.Shutdown has seen it end.
+	s.loop.removeSocket(s)
 	if s.server != nil {
 		s.server.forget(s)
 	}
-	s.loop.removeSocket(s)
 }
 
 // Conn is socket-c: the connection, or nil while connecting.
