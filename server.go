@@ -104,18 +104,13 @@ func (srv *Server) adopt(conn net.Conn) {
 	}
 	s := newSocket(srv.loop, srv, srv.cfg, srv.read, srv.sread, srv.event, srv.mode)
 	srv.sockets[s] = struct{}{}
-	s.start(accepted(conn, srv.cfg))
-}
-
-// accepted brings up an accepted conn: as it is, or after the TLS server
-// handshake.
-func accepted(conn net.Conn, cfg *config) func(context.Context) (net.Conn, error) {
-	return func(ctx context.Context) (net.Conn, error) {
-		if cfg.tls == nil {
-			return conn, nil
-		}
-		return handshake(ctx, tls.Server(conn, cfg.tls))
+	if cfg := srv.cfg.tls; cfg != nil {
+		s.start(func(ctx context.Context) (net.Conn, error) {
+			return handshake(ctx, tls.Server(conn, cfg))
+		})
+		return
 	}
+	s.adopt(conn)
 }
 
 // forget removes an ended socket from the server's books.

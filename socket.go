@@ -103,8 +103,10 @@ type Socket struct {
 	notifyTimeouts bool
 	rlims          []*limit // read rate limits: the socket's own, its groups'
 	wlims          []*limit
-	ctx            context.Context
 	cancel         context.CancelFunc // stops a dial or handshake
+	raw            *rawIO             // direct descriptor I/O, where the conn has it
+	writerOn       bool               // the writer goroutine runs
+	hopping        bool               // the read deadline is the idle hop's
 
 	qmu      sync.Mutex
 	queue    []func() // callbacks waiting to run
@@ -131,9 +133,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		enabled:        EvRead | EvWrite,
 		rtimeout:       cfg.readTimeout,
 		wtimeout:       cfg.writeTimeout,
-		readDone:       make(chan bool, 1),
 	}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
 	var greads, gwrites []*limit
 	for _, g := range cfg.groups {
 		g.members.Add(1)
@@ -159,8 +159,10 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 // a TLS handshake on an accepted conn), bounded by the connect timeout and
 // cancelled by Abort, then runs it.
 func (s *Socket) start(connect func(ctx context.Context) (net.Conn, error)) {
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
 	s.grp.Go(func() error {
-		ctx := s.ctx
+		defer cancel()
 		if t := s.connectTimeout(); t > 0 {
 			var stop context.CancelFunc
 			ctx, stop = context.WithTimeout(ctx, t)
@@ -205,50 +207,43 @@ func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
 	return tc, nil
 }
 
-// run drives a connected socket: it runs the connect-cb, starts the writer
-// and becomes the reader.
+// run brings up a socket whose connect just succeeded.
 func (s *Socket) run(conn net.Conn) error {
-	s.mu.Lock()
-	up := s.attach(conn)
-	s.mu.Unlock()
-	if !up {
-		return nil
-	}
-	return s.serve(conn)
+	s.adopt(conn)
+	return nil
 }
 
-// adopt brings the socket up on an established conn at once (Wrap).
+// adopt brings the socket up on an established conn: it starts the reader
+// (a fresh goroutine, so that an idle socket's parked stack stays small)
+// and, where output is queued, the writer. A socket closed while
+// connecting only flushes.
 func (s *Socket) adopt(conn net.Conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.attach(conn)
-	s.grp.Go(func() error { return s.serve(conn) })
+	if s.attach(conn) {
+		s.grp.Go(s.readLoop)
+	}
 }
 
-// attach gives the socket its conn and starts the writer. It reports
-// whether the socket is open to serve; a socket closed while connecting
-// only flushes. s.mu is held.
+// attach gives the socket its conn and starts the writer where output is
+// queued. It reports whether the socket is open to read. s.mu is held.
 func (s *Socket) attach(conn net.Conn) bool {
 	if s.state == dead {
 		conn.Close()
 		return false
 	}
 	s.conn = conn
-	s.cancel() // the connect is over: release its context
-	s.grp.Go(s.writeLoop)
+	s.raw = newRawIO(conn)
+	if s.cancel != nil {
+		s.cancel() // the connect is over: release its context
+	}
 	if s.state == flushing {
+		s.kick() // closed while connecting: only flush
 		return false
 	}
 	s.state = open
+	s.kick()
 	return true
-}
-
-// serve runs the connect-cb, then reads.
-func (s *Socket) serve(conn net.Conn) error {
-	// In stream mode a callback may block in Stream.Read, so none runs on
-	// the reader.
-	s.dispatch(s.connected, !s.streaming)
-	return s.readLoop(conn)
 }
 
 func (s *Socket) connected() {
@@ -266,27 +261,80 @@ func (s *Socket) connected() {
 // Each chunk goes to the read-cb before the next read, so a slow callback
 // slows the peer, not memory; in stream mode chunks go to the input buffer,
 // which is bounded by the input limit.
-func (s *Socket) readLoop(conn net.Conn) error {
-	buf := make([]byte, readBufSize)
+//
+// It runs the connect-cb first; in stream mode a callback may block in
+// Stream.Read, so none runs on the reader.
+func (s *Socket) readLoop() error {
+	s.dispatch(s.connected, !s.streaming)
+	return s.reads(s.connectCb != nil)
+}
+
+// idleHop is how long a reader that has run callbacks stays idle before it
+// hands its place to a fresh goroutine. Callbacks grow the reader's stack,
+// and the runtime never shrinks a stack below 4 KiB under a parked
+// goroutine; a fresh one parks on 2 KiB, which is most of what an idle
+// socket costs.
+const idleHop = 250 * time.Millisecond
+
+// hop is the reader that takes over after idleHop.
+func (s *Socket) hop() error { return s.reads(false) }
+
+// reads is the reader's loop; worked tells whether this goroutine has run
+// callbacks yet.
+func (s *Socket) reads(worked bool) error {
 	for {
-		room, gen, ok := s.beforeRead(len(buf))
+		room, gen, ok := s.beforeRead(readBufSize, worked)
 		if !ok {
 			return nil
 		}
-		n, err := conn.Read(buf[:room])
+		var buf *[]byte
+		var n int
+		var err error
+		if s.raw != nil { // no buffer held while waiting
+			buf, n, err = s.raw.readSome(room)
+		} else {
+			buf, n, err = readConn(s.conn, room)
+		}
 		spend(s.rlims, n)
-		if n > 0 && !s.received(buf[:n]) {
-			return nil
+		if n > 0 {
+			worked = true
+			more := s.received((*buf)[:n])
+			putBuf(buf)
+			if !more {
+				return nil
+			}
 		}
 		if err == nil {
 			continue
 		}
-		if !s.readFailed(err, gen) {
+		switch s.readFailed(err, gen) {
+		case readOn:
 			continue
+		case readHop:
+			s.grp.Go(s.hop)
 		}
 		return nil
 	}
 }
+
+// readConn reads at most max bytes from conn into a pooled buffer.
+func readConn(conn net.Conn, max int) (*[]byte, int, error) {
+	b := getBuf()
+	n, err := conn.Read((*b)[:max])
+	if n == 0 {
+		putBuf(b)
+		return nil, 0, err
+	}
+	return b, n, err
+}
+
+var bufPool = sync.Pool{New: func() any {
+	b := make([]byte, readBufSize)
+	return &b
+}}
+
+func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
+func putBuf(b *[]byte) { bufPool.Put(b) }
 
 // received passes bytes read to the read-cb, or to the input buffer in
 // stream mode. It reports false once the socket no longer reads.
@@ -350,7 +398,7 @@ func waiter(ch *chan struct{}) chan struct{} {
 // input buffer is full, or the read rate is spent), then arms the read
 // timeout. It returns how much the next read may take, and false once the
 // socket no longer reads.
-func (s *Socket) beforeRead(want int) (int, uint64, bool) {
+func (s *Socket) beforeRead(want int, worked bool) (int, uint64, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
@@ -366,7 +414,7 @@ func (s *Socket) beforeRead(want int) (int, uint64, bool) {
 		}
 		n, wait := quota(s.rlims, n, time.Now())
 		if wait == 0 {
-			s.armRead()
+			s.armReader(worked)
 			return n, s.rgen, true
 		}
 		s.sleep(&s.rcond, wait)
@@ -384,18 +432,29 @@ func (s *Socket) sleep(c *sync.Cond, d time.Duration) {
 	t.Stop()
 }
 
-// readFailed handles a read error. It reports whether the reader is done.
-func (s *Socket) readFailed(err error, gen uint64) bool {
+// What the reader does after a read error.
+const (
+	readOn   = iota // read again
+	readDone        // the reader is done
+	readHop         // a fresh reader takes over (idleHop)
+)
+
+// readFailed handles a read error and says what the reader does next.
+func (s *Socket) readFailed(err error, gen uint64) int {
 	s.mu.Lock()
 	if s.state != open {
 		s.mu.Unlock()
-		return true // we closed it: no event
+		return readDone // we closed it: no event
+	}
+	if isTimeout(err) && s.hopping && s.rtimeout == 0 {
+		s.mu.Unlock()
+		return readHop
 	}
 	if isTimeout(err) && !s.readTimedOut(gen) {
 		// The deadline was moved under the read (Disable, SetTimeouts):
 		// not a timeout of this socket.
 		s.mu.Unlock()
-		return false
+		return readOn
 	}
 	if isTimeout(err) && s.notifyTimeouts {
 		// Rule 28: disable reading before the event-cb runs, so that an
@@ -406,12 +465,12 @@ func (s *Socket) readFailed(err error, gen uint64) bool {
 		ev := newEvent(s, err)
 		ev.Dir = EvRead
 		s.dispatch(func() { s.emit(ev) }, !s.streaming)
-		return false
+		return readOn
 	}
 	s.settleWrite()
 	s.mu.Unlock()
 	s.fail(err, EvRead)
-	return true
+	return readDone
 }
 
 // settleTime bounds how long a read failure waits for the write in flight.
@@ -465,8 +524,22 @@ func (s *Socket) deliver(data []byte) bool {
 // reports false where reading was disabled before the callback started:
 // the data is then still the reader's.
 func (s *Socket) dispatchRead(data []byte) bool {
-	s.dispatch(func() { s.readDone <- s.readCallback(data) }, true)
-	return <-s.readDone
+	s.qmu.Lock()
+	if !s.draining {
+		// The queue is idle: run the read-cb here, without queueing it.
+		s.draining = true
+		s.qmu.Unlock()
+		ok := s.readCallback(data)
+		s.drain()
+		return ok
+	}
+	if s.readDone == nil {
+		s.readDone = make(chan bool, 1)
+	}
+	done := s.readDone
+	s.queue = append(s.queue, func() { done <- s.readCallback(data) })
+	s.qmu.Unlock()
+	return <-done
 }
 
 // readCallback runs the read-cb with data, unless the socket is closed (the
@@ -521,6 +594,7 @@ func (s *Socket) nextWrite() (bufs [][]byte, shut, ok bool) {
 		finishing := s.state == flushing || s.wshut // written even where EvWrite is disabled
 		switch {
 		case s.state == dead:
+			s.writerOn = false
 			return nil, false, false
 		case len(s.out) > 0 && (s.enabled&EvWrite != 0 || finishing):
 			n, wait := quota(s.wlims, s.outLen, time.Now())
@@ -531,12 +605,29 @@ func (s *Socket) nextWrite() (bufs [][]byte, shut, ok bool) {
 			s.sleep(&s.wcond, wait)
 			continue
 		case s.state == flushing && s.outLen == 0:
+			s.writerOn = false
 			s.die()
 			return nil, false, false
 		case s.wshut && !s.wdone && s.outLen == 0:
 			return nil, true, true
 		}
-		s.wcond.Wait()
+		s.writerOn = false // nothing to do: kick starts a writer again
+		return nil, false, false
+	}
+}
+
+// kick starts the writer where there is something for it to do and it
+// does not run. The socket is not dead, so the errgroup has not been
+// waited for. s.mu is held.
+func (s *Socket) kick() {
+	if s.writerOn || s.conn == nil || s.state == dead || s.state == connecting {
+		return
+	}
+	finishing := s.state == flushing || s.wshut
+	if (len(s.out) > 0 && (s.enabled&EvWrite != 0 || finishing)) ||
+		(s.state == flushing && s.outLen == 0) || (s.wshut && !s.wdone && s.outLen == 0) {
+		s.writerOn = true
+		s.grp.Go(s.writeLoop)
 	}
 }
 
@@ -613,6 +704,7 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) error {
 // claim). s.mu is held.
 func (s *Socket) writeFailed(err error) func() {
 	s.wgone = true
+	s.writerOn = false
 	s.out, s.outLen = nil, 0
 	ev := newEvent(s, err)
 	ev.Dir = EvWrite
@@ -829,11 +921,16 @@ func (s *Socket) beginFlush() {
 			s.die()
 			return
 		}
+		if s.outLen == 0 && !s.writerOn {
+			s.die() // nothing to flush
+			return
+		}
 		s.state = flushing
 		s.conn.SetReadDeadline(aLongTimeAgo) // wake the reader
 		s.armFlush()
 		s.rcond.Broadcast()
 		s.wcond.Broadcast()
+		s.kick() // the writer flushes, then closes
 	}
 	wake(&s.inWait)
 }
@@ -967,15 +1064,28 @@ func (s *Socket) enqueue(p []byte) {
 	if len(p) == 0 {
 		return
 	}
+	if s.raw != nil && s.state == open && !s.writerOn && s.outLen == 0 &&
+		s.enabled&EvWrite != 0 && !s.wshut && len(s.wlims) == 0 {
+		// Nothing is queued: write what the conn takes without blocking,
+		// and queue only the rest.
+		n := s.raw.tryWrite(p)
+		if len(p) > s.lowWater && len(p)-n <= s.lowWater && s.write != nil {
+			// This write took the output to the low watermark (rule 4 and
+			// 24, where the output started empty).
+			s.dispatch(s.drained, false)
+		}
+		if n == len(p) {
+			return
+		}
+		p = p[n:]
+	}
 	if n := len(s.out); n > 0 && cap(s.out[n-1])-len(s.out[n-1]) >= len(p) {
 		s.out[n-1] = append(s.out[n-1], p...)
 	} else {
 		s.out = append(s.out, append(make([]byte, 0, max(len(p), 512)), p...))
 	}
-	if s.outLen == 0 {
-		s.wcond.Signal()
-	}
 	s.outLen += len(p)
+	s.kick()
 }
 
 // Write is io.Writer: WriteData(p), returning len(p).
@@ -1026,7 +1136,7 @@ func (s *Socket) Enable(ev Events) error {
 	s.rearm(ev &^ s.enabled)
 	s.enabled |= ev
 	s.rcond.Broadcast()
-	s.wcond.Broadcast()
+	s.kick()
 	if ev&EvRead != 0 && s.renotify && s.state == open {
 		// Input that came while reading was disabled was not announced.
 		s.renotify = false
@@ -1137,7 +1247,7 @@ func (s *Socket) CloseWrite() error {
 			Msg: fmt.Sprintf("%T cannot half-close", s.conn), Err: errors.ErrUnsupported}
 	}
 	s.wshut = true
-	s.wcond.Broadcast()
+	s.kick()
 	return nil
 }
 

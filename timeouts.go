@@ -35,6 +35,7 @@ func (s *Socket) SetTimeouts(read, write time.Duration) error {
 		return nil // the connect timeout was taken at the start; a flush keeps its deadline
 	}
 	if s.enabled&EvRead != 0 {
+		s.hopping = false
 		s.conn.SetReadDeadline(fromNow(read))
 	}
 	s.wgen++
@@ -65,7 +66,24 @@ func (s *Socket) connectTimeout() time.Duration {
 // armRead starts the read timeout for the next read. s.mu is held.
 func (s *Socket) armRead() {
 	if s.rtimeout > 0 {
+		s.hopping = false
 		s.conn.SetReadDeadline(time.Now().Add(s.rtimeout))
+	}
+}
+
+// armReader arms the reader's next read: the read timeout, or without one
+// the idle hop of a reader that has run callbacks (see idleHop); a fresh
+// reader lifts a hop deadline it inherited. s.mu is held.
+func (s *Socket) armReader(worked bool) {
+	switch {
+	case s.rtimeout > 0:
+		s.armRead()
+	case worked:
+		s.hopping = true
+		s.conn.SetReadDeadline(time.Now().Add(idleHop))
+	case s.hopping:
+		s.hopping = false
+		s.conn.SetReadDeadline(time.Time{})
 	}
 }
 

@@ -1,0 +1,111 @@
+//go:build unix
+
+package asynctcp
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+)
+
+// rawIO reads and writes a TCP or Unix connection's descriptor directly:
+// the reader parks on readiness holding no buffer, and takes a pooled one
+// only once the descriptor is readable; WriteData writes without blocking
+// when nothing is queued. The closures are made once per socket, so that
+// neither path allocates.
+type rawIO struct {
+	rc    syscall.RawConn
+	rbuf  *[]byte
+	rmax  int
+	rn    int
+	rerr  error
+	read  func(fd uintptr) bool
+	wp    []byte
+	wn    int
+	werr  error
+	write func(fd uintptr) bool
+}
+
+// newRawIO returns the raw path for conn, or nil where conn is not a plain
+// TCP or Unix connection (a wrapper may frame or encrypt what it reads).
+func newRawIO(conn net.Conn) *rawIO {
+	var sc syscall.Conn
+	switch c := conn.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *net.UnixConn:
+		sc = c
+	default:
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	r := &rawIO{rc: rc}
+	r.read = r.readFD
+	r.write = r.writeFD
+	return r
+}
+
+func (r *rawIO) readFD(fd uintptr) bool {
+	b := getBuf()
+	for {
+		r.rn, r.rerr = syscall.Read(int(fd), (*b)[:r.rmax])
+		if r.rerr != syscall.EINTR {
+			break
+		}
+	}
+	if r.rerr == syscall.EAGAIN {
+		putBuf(b) // hold no buffer while waiting
+		return false
+	}
+	r.rbuf = b
+	return true
+}
+
+// readSome reads at most max bytes into a pooled buffer, which the caller
+// returns with putBuf.
+func (r *rawIO) readSome(max int) (*[]byte, int, error) {
+	r.rmax = max
+	err := r.rc.Read(r.read)
+	b, n, rerr := r.rbuf, r.rn, r.rerr
+	r.rbuf, r.rerr = nil, nil
+	switch {
+	case err != nil:
+		if b != nil {
+			putBuf(b)
+		}
+		return nil, 0, err
+	case rerr != nil:
+		putBuf(b)
+		return nil, 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		putBuf(b)
+		return nil, 0, io.EOF
+	}
+	return b, n, nil
+}
+
+func (r *rawIO) writeFD(fd uintptr) bool {
+	for {
+		r.wn, r.werr = syscall.Write(int(fd), r.wp)
+		if r.werr != syscall.EINTR {
+			return true
+		}
+	}
+}
+
+// tryWrite writes what p it can without blocking, and reports how much.
+// Errors are left to the writer, which meets them again.
+func (r *rawIO) tryWrite(p []byte) int {
+	r.wp = p
+	err := r.rc.Write(r.write)
+	n, werr := r.wn, r.werr
+	r.wp, r.werr = nil, nil
+	if err != nil || werr != nil || n < 0 {
+		return 0
+	}
+	return n
+}
