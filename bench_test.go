@@ -484,7 +484,7 @@ func bnDialTime(conns int) time.Duration {
 }
 
 // BenchmarkIdleMemory10000Conns: a child opens 10,000 connections, echoes
-// one 64 B message on each and leaves them idle; the server's heap and
+// one 64 B message on each and leaves them idle for a second; the server's heap and
 // stack in use (after two GCs) grow by KiB/conn per connection. The net
 // server's connections sit in Read on their 32 KiB buffers.
 func BenchmarkIdleMemory10000Conns(b *testing.B) {
@@ -515,9 +515,15 @@ func bnIdleOnce(b *testing.B, listen bnListen, conns, size int) float64 {
 	if line := child.next(b, 2*bnStall+bnDialTime(conns)); line != "ready" {
 		b.Fatalf("child said %q, want ready", line)
 	}
+	// Idle means idle for a while: an asynctcp reader that ran a callback
+	// hands over to a fresh goroutine after 250 ms without input.
+	time.Sleep(bnIdleFor)
 	after := bnInUse()
 	return (float64(after) - float64(before)) / float64(conns) / 1024
 }
+
+// bnIdleFor is how long the connections sit idle before they are counted.
+const bnIdleFor = time.Second
 
 // bnInUse returns the heap and stack in use after the garbage is gone.
 func bnInUse() uint64 {
