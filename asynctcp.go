@@ -180,6 +180,7 @@ type config struct {
 	maxBuffered    int
 	halfOpen       bool
 	notifyTimeouts bool
+	reuse          bool
 	readRate       rateConfig
 	writeRate      rateConfig
 	groups         []*RateGroup
@@ -335,6 +336,16 @@ func MaxBuffered(n int) Option {
 // shuts its write side too (CloseWrite), which closes it.
 func AllowHalfOpen() Option {
 	return Option{name: "AllowHalfOpen", where: sockets, apply: func(c *config) { c.halfOpen = true }}
+}
+
+// ReuseReadBuffer lends the read-cb the socket's read buffer instead of
+// a fresh slice: data is valid only until the read-cb returns, and the
+// read-cb must copy what it keeps (WriteData copies). It spares one
+// allocation per read, and the garbage collection it drives, where a
+// socket moves bulk data (a proxy, an echo). It does not apply in stream
+// mode (Connect, Listen, Wrap, Serve).
+func ReuseReadBuffer() Option {
+	return Option{name: "ReuseReadBuffer", where: callConnect | callListen | callWrap | callServe, apply: func(c *config) { c.reuse = true }}
 }
 
 // NotifyTimeouts makes read and write timeouts notify instead of closing,

@@ -560,6 +560,43 @@ func TestReadSlicesMayBeKept(t *testing.T) {
 	waitLoop(t, l, waitTimeout)
 }
 
+// ReuseReadBuffer lends the read-cb the read buffer: the bytes are right
+// while the callback runs (copied here), and the buffer is reused after,
+// so that a slice kept past the callback may change. Stream calls refuse
+// the option.
+func TestReuseReadBufferLendsTheBuffer(t *testing.T) {
+	t.Parallel()
+	l := newTestLoop(t)
+	ln, port := listenRaw(t)
+	const total = 1 << 20
+	var got []byte
+	done := make(chan []byte, 1)
+	connectLocal(t, l, port,
+		func(s *asynctcp.Socket, data []byte) { got = append(got, data...) },
+		func(ev error) { done <- got },
+		asynctcp.ReuseReadBuffer())
+	c := acceptRaw(t, ln)
+	go func() {
+		want := pattern(total)
+		for i := 0; i < total; i += 1000 {
+			c.Write(want[i:min(i+1000, total)])
+		}
+		c.Close()
+	}()
+	if got := waitFor(t, done, "the EOF event"); !bytes.Equal(got, pattern(total)) {
+		t.Errorf("copied in the read-cb: %d bytes that differ from the %d sent", len(got), total)
+	}
+	waitLoop(t, l, waitTimeout)
+	for _, call := range []func() error{
+		func() error { _, err := l.ConnectStream("127.0.0.1", port, nil, nil, asynctcp.ReuseReadBuffer()); return err },
+		func() error { _, err := l.ListenStream("127.0.0.1", 0, nil, nil, asynctcp.ReuseReadBuffer()); return err },
+	} {
+		if err := call(); err == nil || !strings.Contains(err.Error(), "ReuseReadBuffer") {
+			t.Errorf("a stream call with ReuseReadBuffer: %v, want an error naming the option", err)
+		}
+	}
+}
+
 // Rule 5: a reset by the peer is an EOF event with its errno.
 func TestResetIsEOFWithCode(t *testing.T) {
 	t.Parallel()

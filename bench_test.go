@@ -134,9 +134,15 @@ func bnListenNet() (*bnServer, error) {
 }
 
 // bnListenAsync starts the asynctcp echo server on a loop of its own.
-func bnListenAsync() (*bnServer, error) {
+func bnListenAsync() (*bnServer, error) { return bnListenAsyncWith() }
+
+// bnListenAsyncReuse is the echo server with ReuseReadBuffer: the read-cb
+// borrows the read buffer, so an echo allocates nothing.
+func bnListenAsyncReuse() (*bnServer, error) { return bnListenAsyncWith(asynctcp.ReuseReadBuffer()) }
+
+func bnListenAsyncWith(opts ...asynctcp.Option) (*bnServer, error) {
 	l := &asynctcp.Loop{}
-	srv, err := l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) { s.WriteData(data) }, nil)
+	srv, err := l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) { s.WriteData(data) }, nil, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -167,9 +173,15 @@ func bnListenAsync() (*bnServer, error) {
 // of asynctcp pairs with round k of net; within a round (one *testing.B)
 // the figure of the last call, the one with the reported b.N, counts.
 type bnPair struct {
-	nets         []float64
-	netB, asyncB *testing.B
-	asyncRounds  int
+	nets   []float64
+	netB   *testing.B
+	rounds map[string]*bnRound // per asynctcp variant
+}
+
+// bnRound tracks the runs of one asynctcp variant.
+type bnRound struct {
+	b *testing.B
+	n int
 }
 
 func (p *bnPair) net(b *testing.B, v float64) {
@@ -181,12 +193,20 @@ func (p *bnPair) net(b *testing.B, v float64) {
 	p.nets[len(p.nets)-1] = v
 }
 
-func (p *bnPair) async(b *testing.B, v float64) {
-	if b != p.asyncB {
-		p.asyncB = b
-		p.asyncRounds++
+func (p *bnPair) async(b *testing.B, variant string, v float64) {
+	if p.rounds == nil {
+		p.rounds = make(map[string]*bnRound)
 	}
-	if k := p.asyncRounds - 1; k < len(p.nets) && p.nets[k] > 0 {
+	r := p.rounds[variant]
+	if r == nil {
+		r = &bnRound{}
+		p.rounds[variant] = r
+	}
+	if b != r.b {
+		r.b = b
+		r.n++
+	}
+	if k := r.n - 1; k < len(p.nets) && p.nets[k] > 0 {
 		b.ReportMetric(v/p.nets[k], "ratio")
 	}
 }
@@ -197,7 +217,16 @@ func (p *bnPair) async(b *testing.B, v float64) {
 func bnCompare(b *testing.B, measure func(b *testing.B, listen bnListen) float64) {
 	var p bnPair
 	b.Run("net", func(b *testing.B) { p.net(b, measure(b, bnListenNet)) })
-	b.Run("asynctcp", func(b *testing.B) { p.async(b, measure(b, bnListenAsync)) })
+	b.Run("asynctcp", func(b *testing.B) { p.async(b, "asynctcp", measure(b, bnListenAsync)) })
+}
+
+// bnCompareReuse is bnCompare with a third run, asynctcp with
+// ReuseReadBuffer.
+func bnCompareReuse(b *testing.B, measure func(b *testing.B, listen bnListen) float64) {
+	var p bnPair
+	b.Run("net", func(b *testing.B) { p.net(b, measure(b, bnListenNet)) })
+	b.Run("asynctcp", func(b *testing.B) { p.async(b, "asynctcp", measure(b, bnListenAsync)) })
+	b.Run("asynctcp-reuse", func(b *testing.B) { p.async(b, "reuse", measure(b, bnListenAsyncReuse)) })
 }
 
 // bnServe starts a server for the rest of b's run.
@@ -367,13 +396,13 @@ func bnRoundTrip(c net.Conn, out, in []byte, seq uint64) error {
 }
 
 func BenchmarkPingPong1Conn64B(b *testing.B) {
-	bnCompare(b, func(b *testing.B, listen bnListen) float64 {
+	bnCompareReuse(b, func(b *testing.B, listen bnListen) float64 {
 		return bnPingPong(b, listen, 1, 64)
 	})
 }
 
 func BenchmarkPingPong50Conns512B(b *testing.B) {
-	bnCompare(b, func(b *testing.B, listen bnListen) float64 {
+	bnCompareReuse(b, func(b *testing.B, listen bnListen) float64 {
 		return bnPingPong(b, listen, 50, 512)
 	})
 }
@@ -382,7 +411,7 @@ func BenchmarkPingPong50Conns512B(b *testing.B) {
 // 64 KiB chunks without pause while another reads the echo; b.N chunks in
 // all, shared out evenly. MB/s counts echoed bytes; allocs/msg is per chunk.
 func BenchmarkBulkEcho10Conns64KiB(b *testing.B) {
-	bnCompare(b, func(b *testing.B, listen bnListen) float64 {
+	bnCompareReuse(b, func(b *testing.B, listen bnListen) float64 {
 		return bnBulk(b, listen, 10, 64<<10)
 	})
 }

@@ -45,7 +45,7 @@ const (
 )
 
 // readBufSize is the most one read takes from the connection.
-const readBufSize = 32 << 10
+const readBufSize = 64 << 10
 
 var errNilSocket = errors.New("asynctcp: nil *Socket")
 
@@ -107,6 +107,8 @@ type Socket struct {
 	raw            *rawIO             // direct descriptor I/O, where the conn has it
 	writerOn       bool               // the writer goroutine runs
 	hopping        bool               // the read deadline is the idle hop's
+	hopAt          time.Time          // when the idle hop's deadline passes
+	reuse          bool               // ReuseReadBuffer
 
 	qmu      sync.Mutex
 	queue    []func() // callbacks waiting to run
@@ -130,6 +132,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		maxBuf:         cfg.maxBuffered,
 		halfOpen:       cfg.halfOpen,
 		notifyTimeouts: cfg.notifyTimeouts,
+		reuse:          cfg.reuse,
 		enabled:        EvRead | EvWrite,
 		rtimeout:       cfg.readTimeout,
 		wtimeout:       cfg.writeTimeout,
@@ -340,6 +343,9 @@ func putBuf(b *[]byte) { bufPool.Put(b) }
 // stream mode. It reports false once the socket no longer reads.
 func (s *Socket) received(p []byte) bool {
 	if !s.streaming {
+		if s.reuse {
+			return s.deliver(p) // valid until the read-cb returns
+		}
 		data := make([]byte, len(p)) // fresh: the read-cb may keep it (rule 3)
 		copy(data, p)
 		return s.deliver(data)

@@ -79,8 +79,13 @@ func (s *Socket) armReader(worked bool) {
 	case s.rtimeout > 0:
 		s.armRead()
 	case worked:
-		s.hopping = true
-		s.conn.SetReadDeadline(time.Now().Add(idleHop))
+		// Moving the deadline costs more than reading the clock: move it
+		// only once half of it has passed.
+		now := time.Now()
+		if !s.hopping || s.hopAt.Sub(now) < idleHop/2 {
+			s.hopping, s.hopAt = true, now.Add(idleHop)
+			s.conn.SetReadDeadline(s.hopAt)
+		}
 	case s.hopping:
 		s.hopping = false
 		s.conn.SetReadDeadline(time.Time{})
