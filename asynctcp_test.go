@@ -588,8 +588,14 @@ func TestReuseReadBufferLendsTheBuffer(t *testing.T) {
 	}
 	waitLoop(t, l, waitTimeout)
 	for _, call := range []func() error{
-		func() error { _, err := l.ConnectStream("127.0.0.1", port, nil, nil, asynctcp.ReuseReadBuffer()); return err },
-		func() error { _, err := l.ListenStream("127.0.0.1", 0, nil, nil, asynctcp.ReuseReadBuffer()); return err },
+		func() error {
+			_, err := l.ConnectStream("127.0.0.1", port, nil, nil, asynctcp.ReuseReadBuffer())
+			return err
+		},
+		func() error {
+			_, err := l.ListenStream("127.0.0.1", 0, nil, nil, asynctcp.ReuseReadBuffer())
+			return err
+		},
 	} {
 		if err := call(); err == nil || !strings.Contains(err.Error(), "ReuseReadBuffer") {
 			t.Errorf("a stream call with ReuseReadBuffer: %v, want an error naming the option", err)
