@@ -147,11 +147,14 @@ func demo(ctx context.Context, p *printer, timeout time.Duration) error {
 	// Exit (cl-async's exit-event-loop) aborts whatever is still open, so
 	// Wait returns even if the reply never comes.
 	errTimeout := fmt.Errorf("no reply within %v", timeout)
+	start := time.Now()
 	timer := time.AfterFunc(timeout, func() { loop.Exit(errTimeout) })
 	stop := context.AfterFunc(ctx, func() { loop.Exit(ctx.Err()) })
 	err = loop.Wait()
 	stop()
-	if !timer.Stop() {
+	// A reply that came after the timeout is late, even where the timer
+	// had not fired yet.
+	if !timer.Stop() || time.Since(start) > timeout {
 		return errTimeout
 	}
 	if ctx.Err() != nil {
