@@ -32,7 +32,7 @@ const flDeadline = 10 * time.Second
 
 // flReadChunk is the most one read of a socket takes from its conn (the
 // library's read buffer): the unit by which a read-cb can overshoot.
-const flReadChunk = 32 << 10
+const flReadChunk = 64 << 10
 
 // flLoop returns a fresh loop. Should the test fail before it has waited
 // for the loop, a cleanup exits the loop so that its goroutines end.
@@ -564,8 +564,17 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 			opts := append([]asynctcp.Option{asynctcp.OnWrite(onWrite)}, tc.opts...)
 			s, peer := flPairSmall(t, l, nil, nil, nil, opts...)
 
+			// A is queued whole while writing is disabled, so that the
+			// writer takes all of it in one batch once enabled (WriteData
+			// would write part of it at once otherwise).
+			if err := s.Disable(asynctcp.EvWrite); err != nil {
+				t.Fatalf("Disable(EvWrite): %v", err)
+			}
 			if err := s.WriteData(flMakePattern(0, lenA)); err != nil {
 				t.Fatalf("WriteData(A): %v", err)
+			}
+			if err := s.Enable(asynctcp.EvWrite); err != nil {
+				t.Fatalf("Enable(EvWrite): %v", err)
 			}
 			flReadPattern(t, peer, 0, 1, "the first byte of A") // the writer has taken A
 			if err := s.Disable(asynctcp.EvWrite); err != nil {

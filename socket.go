@@ -245,6 +245,11 @@ func (s *Socket) attach(conn net.Conn) bool {
 		return false
 	}
 	s.state = open
+	// The connect-cb is queued before anything can queue a write-cb or a
+	// read-cb; the reader runs it when it starts.
+	s.qmu.Lock()
+	s.queue = append(s.queue, s.connected)
+	s.qmu.Unlock()
 	s.kick()
 	return true
 }
@@ -265,10 +270,11 @@ func (s *Socket) connected() {
 // slows the peer, not memory; in stream mode chunks go to the input buffer,
 // which is bounded by the input limit.
 //
-// It runs the connect-cb first; in stream mode a callback may block in
-// Stream.Read, so none runs on the reader.
+// It runs the connect-cb first, unless a write-cb's goroutine runs the
+// queue already; in stream mode a callback may block in Stream.Read, so
+// none runs on the reader.
 func (s *Socket) readLoop() error {
-	s.dispatch(s.connected, !s.streaming)
+	s.runQueue(!s.streaming) // the connect-cb, queued by attach
 	return s.reads(s.connectCb != nil)
 }
 
@@ -531,7 +537,7 @@ func (s *Socket) deliver(data []byte) bool {
 // the data is then still the reader's.
 func (s *Socket) dispatchRead(data []byte) bool {
 	s.qmu.Lock()
-	if !s.draining {
+	if !s.draining && len(s.queue) == 0 {
 		// The queue is idle: run the read-cb here, without queueing it.
 		s.draining = true
 		s.qmu.Unlock()
@@ -544,7 +550,12 @@ func (s *Socket) dispatchRead(data []byte) bool {
 	}
 	done := s.readDone
 	s.queue = append(s.queue, func() { done <- s.readCallback(data) })
+	idle := !s.draining
+	s.draining = true
 	s.qmu.Unlock()
+	if idle {
+		s.drain()
+	}
 	return <-done
 }
 
@@ -864,8 +875,18 @@ func (s *Socket) invoke(f func()) {
 func (s *Socket) dispatch(f func(), inline bool) {
 	s.qmu.Lock()
 	s.queue = append(s.queue, f)
-	idle := !s.draining
-	s.draining = true
+	s.qmu.Unlock()
+	s.runQueue(inline)
+}
+
+// runQueue runs the queued callbacks where no goroutine runs them: on the
+// caller when inline is set, else on a new goroutine of the socket.
+func (s *Socket) runQueue(inline bool) {
+	s.qmu.Lock()
+	idle := !s.draining && len(s.queue) > 0
+	if idle {
+		s.draining = true
+	}
 	s.qmu.Unlock()
 	switch {
 	case !idle:
