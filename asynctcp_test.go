@@ -2114,8 +2114,7 @@ func pingPongLoad(t *testing.T, l *asynctcp.Loop, clients, rounds int, detect fu
 	finished := make(chan struct{}, clients)
 	for i := 0; i < clients; i++ {
 		received := 0 // touched only by this client's callbacks
-		var s *asynctcp.Socket
-		s = connectLocal(t, l, port,
+		s := connectLocal(t, l, port,
 			func(s *asynctcp.Socket, data []byte) {
 				defer wrap(s)()
 				received += len(data)
