@@ -54,6 +54,14 @@
 //	*default-event-handler*         Loop.EventHandler
 //	*catch-application-errors*      Loop.CatchAppErrors
 //
+// # Beyond cl-async
+//
+// Wrap and Serve adopt any net.Conn and any net.Listener. WriteWatermarks,
+// Socket.Writable and MaxBuffered give output flow control; CloseWrite and
+// AllowHalfOpen half-close; NotifyTimeouts makes timeouts notify instead of
+// closing; ReadRate, WriteRate and RateGroup limit throughput;
+// ReuseReadBuffer lends the read-cb the read buffer.
+//
 // # Differences from cl-async
 //
 // Close is graceful: it stops reading, flushes the queued output in the
@@ -150,7 +158,12 @@ func (c call) String() string {
 // Option is a keyword argument of cl-async: built by Data, OnConnect,
 // OnWrite and the other option functions, and given to Connect, Listen or
 // WriteData. An option given to a call it does not apply to makes the call
-// return an error naming the option.
+// return an error naming the option, and so does a bad value. What an
+// option's doc says of Connect* (Connect, ConnectStream, Send) holds for
+// Wrap* too, and what it says of Listen* holds for Serve*, except that
+// Dialer applies to Connect* only, Backlog to Listen* only, and TLS to
+// Connect* and Listen* only (wrap a *tls.Conn or serve a tls.NewListener
+// instead).
 type Option struct {
 	name  string
 	where call
