@@ -190,16 +190,32 @@ func dialer(d *net.Dialer, addr, host string, cfg *tls.Config) func(context.Cont
 		d = &net.Dialer{}
 	}
 	return func(ctx context.Context) (net.Conn, error) {
-		conn, err := d.DialContext(ctx, "tcp", addr)
-		if err != nil || cfg == nil {
-			return conn, err
+		if d.Timeout > 0 {
+			// The Dialer's own timeout bounds the whole connect, as
+			// tls.DialWithDialer's does, and is a connect timeout too,
+			// whichever step (lookup, dial, handshake) it cuts short.
+			var stop context.CancelFunc
+			ctx, stop = context.WithTimeout(ctx, d.Timeout)
+			defer stop()
 		}
-		if cfg.ServerName == "" {
-			cfg = cfg.Clone()
-			cfg.ServerName = host
+		conn, err := dialTLS(ctx, d, addr, host, cfg)
+		if err != nil && ctx.Err() == context.DeadlineExceeded {
+			return nil, &connectTimeout{err}
 		}
-		return handshake(ctx, tls.Client(conn, cfg))
+		return conn, err
 	}
+}
+
+func dialTLS(ctx context.Context, d *net.Dialer, addr, host string, cfg *tls.Config) (net.Conn, error) {
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil || cfg == nil {
+		return conn, err
+	}
+	if cfg.ServerName == "" {
+		cfg = cfg.Clone()
+		cfg.ServerName = host
+	}
+	return handshake(ctx, tls.Client(conn, cfg))
 }
 
 func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
