@@ -743,13 +743,30 @@ func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread
 	if l == nil {
 		return nil, errors.New("asynctcp: nil *Loop")
 	}
-	if port < 0 || port > 65535 {
-		return nil, fmt.Errorf("asynctcp: %s: port %d is outside 0-65535", c, port)
+	if err := checkListenPort(c.String(), port); err != nil {
+		return nil, err
 	}
 	cfg, err := newConfig(c, opts)
 	if err != nil {
 		return nil, err
 	}
+	ln, err := bind(bindAddress, port, cfg.backlog)
+	if err != nil {
+		return nil, err
+	}
+	return serve(l, ln, cfg, read, sread, event, c == callListenStream), nil
+}
+
+func checkListenPort(name string, port int) error {
+	if port < 0 || port > 65535 {
+		return fmt.Errorf("asynctcp: %s: port %d is outside 0-65535", name, port)
+	}
+	return nil
+}
+
+// bind listens on bindAddress ("" is 0.0.0.0) and port with the backlog
+// asked for (< 0: the system's). A failure is an *Event.
+func bind(bindAddress string, port, backlog int) (net.Listener, error) {
 	if bindAddress == "" {
 		bindAddress = "0.0.0.0"
 	}
@@ -757,13 +774,13 @@ func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread
 	if err != nil {
 		return nil, newEvent(nil, err)
 	}
-	if cfg.backlog >= 0 {
-		if err := setBacklog(ln, cfg.backlog); err != nil {
+	if backlog >= 0 {
+		if err := setBacklog(ln, backlog); err != nil {
 			ln.Close()
 			return nil, newEvent(nil, err)
 		}
 	}
-	return serve(l, ln, cfg, read, sread, event, c == callListenStream), nil
+	return ln, nil
 }
 
 // Serve accepts connections from ln, a listener of any kind (Unix, a

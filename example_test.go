@@ -1,10 +1,22 @@
 package asynctcp_test
 
 import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"math/big"
 	"net"
+	"net/http"
 	"syscall"
+	"time"
 
 	"github.com/asynctcp/asynctcp"
 )
@@ -264,4 +276,283 @@ func ExampleEvent() {
 	// closed after the event-cb: true
 	// address-in-use: true
 	// EADDRINUSE: true
+}
+
+// SetTimeouts is set-socket-timeouts. Here the server gives each client
+// 100 ms to say something: a silent client's socket gets a tcp-timeout
+// event and is closed, which the client sees as an EOF.
+func ExampleSocket_SetTimeouts() {
+	loop := &asynctcp.Loop{}
+	srv, err := loop.Listen("127.0.0.1", 0, nil,
+		func(ev error) {
+			fmt.Println("server: tcp-timeout:", errors.Is(ev, asynctcp.ErrTCPTimeout))
+		},
+		asynctcp.OnConnect(func(s *asynctcp.Socket) {
+			s.SetTimeouts(100*time.Millisecond, 0) // a read timeout; 0: no write timeout
+		}))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	_, err = loop.Connect("127.0.0.1", exPort(srv), nil, func(ev error) {
+		fmt.Println("client: tcp-eof:", errors.Is(ev, asynctcp.ErrTCPEOF))
+		srv.Close()
+	})
+	if err != nil {
+		fmt.Println(err)
+		srv.Close()
+	}
+	loop.Wait()
+	// Output:
+	// server: tcp-timeout: true
+	// client: tcp-eof: true
+}
+
+// Disable is disable-socket. As cl-async's documentation suggests, a
+// server that has what it needs from a client can stop reading while it
+// works on it, so that its read timeout does not fire meanwhile; Enable
+// (enable-socket) resumes reading, and the timeout with it.
+func ExampleSocket_Disable() {
+	loop := &asynctcp.Loop{}
+	var srv *asynctcp.Server
+	srv, err := loop.Listen("127.0.0.1", 0,
+		func(s *asynctcp.Socket, data []byte) {
+			fmt.Printf("server: got %q; working, not reading\n", data)
+			s.Disable(asynctcp.EvRead) // no read-cb and no read timeout until Enable
+			// The work outlasts the 100 ms read timeout.
+			time.AfterFunc(300*time.Millisecond, func() {
+				fmt.Println("server: done; replying and reading again")
+				if err := s.WriteData([]byte("result")); err != nil {
+					fmt.Println("server:", err) // the socket timed out after all
+					return
+				}
+				s.Enable(asynctcp.EvRead)
+			})
+		},
+		func(ev error) { srv.Close() }, // the client hung up (or went quiet)
+		asynctcp.ReadTimeout(100*time.Millisecond))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	var reply []byte
+	_, err = loop.Connect("127.0.0.1", exPort(srv),
+		func(s *asynctcp.Socket, data []byte) {
+			if reply = append(reply, data...); len(reply) == len("result") {
+				fmt.Printf("client: got %q\n", reply)
+				s.Close()
+			}
+		},
+		func(ev error) { fmt.Println("client:", ev) },
+		asynctcp.Data([]byte("job")))
+	if err != nil {
+		fmt.Println(err)
+		srv.Close()
+	}
+	loop.Wait()
+	// Output:
+	// server: got "job"; working, not reading
+	// server: done; replying and reading again
+	// client: got "result"
+}
+
+// ConnectStream is tcp-connect with :stream t: the socket's input waits in
+// a buffer, read through the returned *Stream. A Stream is a net.Conn, so
+// bufio, encoding/json or any code written for net.Conn works on it, from
+// any goroutine. With a nil read-cb nothing announces the input: the
+// program reads when it likes.
+func ExampleConnectStream() {
+	loop := &asynctcp.Loop{}
+	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer func() {
+		srv.Close()
+		loop.Wait()
+	}()
+
+	st, err := loop.ConnectStream("127.0.0.1", exPort(srv), nil, nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer st.Close()
+	st.SetDeadline(time.Now().Add(5 * time.Second)) // bounds Read and Write, as on any net.Conn
+
+	fmt.Fprintf(st, "hello, %s\n", "stream") // queued at once, sent once connected
+	line, err := bufio.NewReader(st).ReadString('\n')
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Printf("read %q\n", line)
+	// Output:
+	// read "hello, stream\n"
+}
+
+// NewStream is (make-instance 'async-io-stream :socket s): a Stream over
+// any socket. Here a server that keeps its sockets' input in their buffers
+// (DontDrainReadBuffer) hands each socket to a goroutine of its own, which
+// speaks JSON through the Stream.
+func ExampleNewStream() {
+	loop := &asynctcp.Loop{}
+	served := make(chan struct{})
+	srv, err := loop.Listen("127.0.0.1", 0, nil, nil,
+		asynctcp.DontDrainReadBuffer(),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) {
+			// A callback must not wait for input: the goroutine does.
+			go func() {
+				defer close(served)
+				st := asynctcp.NewStream(s)
+				defer st.Close() // graceful: the reply is flushed first
+				st.SetDeadline(time.Now().Add(5 * time.Second))
+				var req struct{ Name string }
+				if err := json.NewDecoder(st).Decode(&req); err != nil {
+					fmt.Println("server:", err)
+					return
+				}
+				json.NewEncoder(st).Encode(map[string]string{"greeting": "hello, " + req.Name})
+			}()
+		}))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	c, err := net.Dial("tcp", srv.Addr().String())
+	if err != nil {
+		fmt.Println(err)
+		srv.Close()
+		return
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, `{"name": "gopher"}`+"\n")
+	reply, err := io.ReadAll(c) // until the server closes
+	c.Close()
+	fmt.Printf("%s", reply)
+	if err != nil {
+		fmt.Println(err)
+	}
+
+	<-served
+	srv.Close()
+	loop.Wait()
+	// Output:
+	// {"greeting":"hello, gopher"}
+}
+
+// exTLSConfigs returns a server config with a certificate for 127.0.0.1
+// made on the spot, and a client config that trusts it.
+func exTLSConfigs() (server, client *tls.Config, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, err
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(cert)
+	server = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	return server, &tls.Config{RootCAs: roots}, nil
+}
+
+// TLS makes Listen's sockets TLS servers and Connect's socket a TLS
+// client. The handshake comes first: the connect-cb runs once it is done,
+// and Conn is the *tls.Conn. The client verifies the host given to
+// Connect where the config names no ServerName. Callbacks see plain bytes.
+func ExampleTLS() {
+	serverConfig, clientConfig, err := exTLSConfigs()
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	loop := &asynctcp.Loop{}
+	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(serverConfig))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	const msg = "hello over TLS"
+	var reply []byte
+	_, err = loop.Connect("127.0.0.1", exPort(srv),
+		func(s *asynctcp.Socket, data []byte) {
+			if reply = append(reply, data...); len(reply) == len(msg) {
+				fmt.Printf("reply: %s\n", reply)
+				s.Close()
+				srv.Close()
+			}
+		},
+		func(ev error) {
+			fmt.Println("event:", ev) // a failed handshake would come here
+			srv.Close()
+		},
+		asynctcp.TLS(clientConfig),
+		asynctcp.Data([]byte(msg)),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) {
+			cs := s.Conn().(*tls.Conn).ConnectionState()
+			fmt.Println("handshake complete:", cs.HandshakeComplete, tls.VersionName(cs.Version))
+		}))
+	if err != nil {
+		fmt.Println(err)
+		srv.Close()
+	}
+	loop.Wait()
+	// Output:
+	// handshake complete: true TLS 1.3
+	// reply: hello over TLS
+}
+
+// NewListener is ListenStream as a net.Listener, so that net/http (or
+// grpc, or any accept loop) runs over asynctcp unchanged: each connection
+// Accept returns is a *Stream.
+func ExampleNewListener() {
+	loop := &asynctcp.Loop{}
+	ln, err := loop.NewListener("127.0.0.1", 0)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello from net/http over asynctcp, %s", r.URL.Query().Get("name"))
+	})}
+	served := make(chan error, 1)
+	go func() { served <- hs.Serve(ln) }()
+
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Get("http://" + ln.Addr().String() + "/?name=gopher")
+	if err != nil {
+		fmt.Println(err)
+	} else {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		fmt.Println(resp.Status, string(body))
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	hs.Shutdown(ctx) // closes the listener, then waits for the connections
+	fmt.Println("serve:", <-served)
+	loop.Wait()
+	// Output:
+	// 200 OK hello from net/http over asynctcp, gopher
+	// serve: http: Server closed
 }
