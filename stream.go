@@ -53,13 +53,7 @@ func (st *Stream) Read(p []byte) (int, error) {
 		if st.rdl.passed() {
 			return 0, os.ErrDeadlineExceeded
 		}
-		ready := waiter(&s.inWait)
-		s.mu.Unlock()
-		select {
-		case <-ready:
-		case <-st.rdl.done():
-		}
-		s.mu.Lock()
+		s.await(&s.inWait, &st.rdl)
 	}
 }
 
@@ -152,14 +146,20 @@ func (st *Stream) Write(p []byte) (int, error) {
 			}
 			continue
 		}
-		written := waiter(&s.outWait)
-		s.mu.Unlock()
-		select {
-		case <-written:
-		case <-st.wdl.done():
-		}
-		s.mu.Lock()
+		s.await(&s.outWait, &st.wdl)
 	}
+}
+
+// await waits, with s.mu released, until the next wake of ch or until dl
+// has passed. s.mu is held.
+func (s *Socket) await(ch *chan struct{}, dl *deadline) {
+	woken := waiter(ch)
+	s.mu.Unlock()
+	select {
+	case <-woken:
+	case <-dl.done():
+	}
+	s.mu.Lock()
 }
 
 // streamRoom returns how many of n bytes Stream.Write may queue now.
@@ -241,13 +241,7 @@ func (st *Stream) Flush() error {
 		case st.wdl.passed():
 			return os.ErrDeadlineExceeded
 		}
-		written := waiter(&s.outWait)
-		s.mu.Unlock()
-		select {
-		case <-written:
-		case <-st.wdl.done():
-		}
-		s.mu.Lock()
+		s.await(&s.outWait, &st.wdl)
 	}
 }
 
