@@ -323,9 +323,7 @@ func (s *Socket) reads(worked bool) error {
 		spend(s.rlims, n)
 		if n > 0 {
 			worked = true
-			more := s.received((*buf)[:n])
-			putBuf(buf)
-			if !more {
+			if !s.received(buf, n) {
 				return nil
 			}
 		}
@@ -361,18 +359,24 @@ var bufPool = sync.Pool{New: func() any {
 func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
 func putBuf(b *[]byte) { bufPool.Put(b) }
 
-// received passes bytes read to the read-cb, or to the input buffer in
-// stream mode. It reports false once the socket no longer reads.
-func (s *Socket) received(p []byte) bool {
+// received passes the n bytes read into buf to the read-cb, or to the input
+// buffer in stream mode, and gives buf back to the pool. It reports false
+// once the socket no longer reads.
+func (s *Socket) received(buf *[]byte, n int) bool {
+	p := (*buf)[:n]
+	if !s.streaming && s.reuse {
+		more := s.deliver(p) // valid until the read-cb returns
+		putBuf(buf)
+		return more
+	}
 	if !s.streaming {
-		if s.reuse {
-			return s.deliver(p) // valid until the read-cb returns
-		}
-		data := make([]byte, len(p)) // fresh: the read-cb may keep it (rule 3)
+		data := make([]byte, n) // fresh: the read-cb may keep it (rule 3)
 		copy(data, p)
+		putBuf(buf) // not held while the read-cb waits or runs
 		return s.deliver(data)
 	}
 	s.mu.Lock()
+	defer putBuf(buf)
 	if s.state != open {
 		s.mu.Unlock()
 		return false
