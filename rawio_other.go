@@ -2,14 +2,17 @@
 
 package asynctcp
 
-import "net"
+import (
+	"errors"
+	"net"
+)
 
-// rawIO is the direct descriptor path of Unix systems; elsewhere every
-// connection goes through net.Conn's Read and Write.
+// rawIO is the direct descriptor path of Unix systems; elsewhere newRawIO
+// returns nil and every connection goes through net.Conn's Read and Write.
 type rawIO struct{}
 
 func newRawIO(net.Conn) *rawIO { return nil }
 
-func (r *rawIO) readSome(int) (*[]byte, int, error) { panic("asynctcp: no raw reads on this system") }
+func (r *rawIO) readSome(int) (*[]byte, int, error) { return nil, 0, errors.ErrUnsupported }
 
 func (r *rawIO) tryWrite([]byte) int { return 0 }
