@@ -22,6 +22,7 @@ const (
 	EvWrite                    // writing queued output to the connection
 )
 
+// String names the directions, as "EvRead|EvWrite".
 func (ev Events) String() string {
 	switch ev {
 	case EvRead:
