@@ -83,17 +83,6 @@ func flRecv[T any](t *testing.T, ch <-chan T, what string) T {
 	return zero
 }
 
-// flNone fails the test if ch delivers anything within d: the bounded wait
-// of a check that something does not happen.
-func flNone[T any](t *testing.T, ch <-chan T, d time.Duration, what string) {
-	t.Helper()
-	select {
-	case v := <-ch:
-		t.Fatalf("%s: got %v, want nothing within %v", what, v, d)
-	case <-time.After(d):
-	}
-}
-
 // flEventually polls cond every few milliseconds, failing the test if it
 // does not hold within flDeadline.
 func flEventually(t *testing.T, what string, cond func() bool) {
@@ -126,16 +115,6 @@ func flGo(t *testing.T, what string, f func(), closers ...io.Closer) {
 			t.Errorf("cleanup: %s goroutine did not end", what)
 		}
 	})
-}
-
-// flPort returns the TCP port of a.
-func flPort(t *testing.T, a net.Addr) int {
-	t.Helper()
-	tcp, ok := a.(*net.TCPAddr)
-	if !ok || tcp.Port == 0 {
-		t.Fatalf("address %v (%T) has no TCP port", a, a)
-	}
-	return tcp.Port
 }
 
 // flRawListen starts a plain listener on a free loopback port.
@@ -172,7 +151,7 @@ func flRawListenBuf(t *testing.T, rcvbuf int) (net.Listener, int) {
 		t.Fatalf("net.Listen: %v", err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	return ln, flPort(t, ln.Addr())
+	return ln, portOf(t, ln.Addr())
 }
 
 // flAccept accepts one connection on a raw listener, with a deadline.
@@ -196,17 +175,6 @@ func flDial(t *testing.T, port int) *net.TCPConn {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c.(*net.TCPConn)
-}
-
-// flListen starts an asynctcp server of l on a free loopback port.
-func flListen(t *testing.T, l *asynctcp.Loop, read asynctcp.ReadFunc, event asynctcp.EventFunc, opts ...asynctcp.Option) (*asynctcp.Server, int) {
-	t.Helper()
-	srv, err := l.Listen("127.0.0.1", 0, read, event, opts...)
-	if err != nil {
-		t.Fatalf("Listen on 127.0.0.1:0: %v", err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	return srv, flPort(t, srv.Addr())
 }
 
 // flPair connects a socket of l to a raw peer and returns both once the
@@ -596,7 +564,7 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 					t.Errorf("first write-cb saw Buffered() %d (EvWrite enabled again: %v), want %d with B held", c.buffered, c.enabled, lenB)
 				}
 			} else {
-				flNone(t, calls, 300*time.Millisecond, "write-cb with B still queued and low 0")
+				beNone(t, calls, 300*time.Millisecond, "write-cb with B still queued and low 0")
 			}
 			enabled.Store(true)
 			if err := s.Enable(asynctcp.EvWrite); err != nil {
@@ -817,7 +785,7 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 		}
 	}
 	marks := asynctcp.WriteWatermarks(low, high)
-	srv, port := flListen(t, l, relay, frontEvent, marks, asynctcp.OnWrite(resume),
+	srv, port := listenLocal(t, l, relay, frontEvent, marks, asynctcp.OnWrite(resume),
 		asynctcp.OnConnect(func(front *asynctcp.Socket) {
 			back, err := l.Connect("127.0.0.1", backPort, relay, backEvent, marks, asynctcp.OnWrite(resume))
 			if err != nil {
@@ -1172,7 +1140,7 @@ func flAccepted(t *testing.T, l *asynctcp.Loop, read asynctcp.ReadFunc, event as
 	t.Helper()
 	up := make(chan *asynctcp.Socket, 1)
 	opts = append(opts, asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s }))
-	srv, port := flListen(t, l, read, event, opts...)
+	srv, port := listenLocal(t, l, read, event, opts...)
 	peer := flDial(t, port)
 	s := flRecv(t, up, "the accepted socket's connect-cb")
 	srv.Close()
@@ -1289,7 +1257,7 @@ func TestAllowHalfOpenStreamReadsEOFThenWrites(t *testing.T) {
 				t.Fatalf("ListenStream: %v", err)
 			}
 			defer srv.Close()
-			peer := flDial(t, flPort(t, srv.Addr()))
+			peer := flDial(t, portOf(t, srv.Addr()))
 			return flRecv(t, up, "the accepted stream"), peer
 		}},
 	}
@@ -1398,8 +1366,8 @@ func TestNotifyReadTimeoutDisablesReading(t *testing.T) {
 	if _, err := peer.Write(msg); err != nil {
 		t.Fatalf("peer write: %v", err)
 	}
-	flNone(t, reads, 4*d, "read-cb while reading is disabled after the timeout")
-	flNone(t, rec.ch, 0, "a second event while reading is disabled")
+	beNone(t, reads, 4*d, "read-cb while reading is disabled after the timeout")
+	beNone(t, rec.ch, 0, "a second event while reading is disabled")
 
 	if err := s.Enable(asynctcp.EvRead); err != nil {
 		t.Fatalf("Enable(EvRead): %v", err)
@@ -1766,7 +1734,7 @@ func TestRateGroupSharesBudget(t *testing.T) {
 	read := func(s *asynctcp.Socket, data []byte) {
 		s.Data().(*atomic.Int64).Add(int64(len(data)))
 	}
-	srv, port := flListen(t, l, read, nil, asynctcp.InRateGroup(g),
+	srv, port := listenLocal(t, l, read, nil, asynctcp.InRateGroup(g),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			s.SetData(&counts[next.Add(1)-1])
 			up <- s
@@ -1832,7 +1800,7 @@ func TestRateWaitIsNotInactivity(t *testing.T) {
 		s, peer := flPair(t, l, func(_ *asynctcp.Socket, data []byte) { n.Add(int64(len(data))) }, rec.cb,
 			asynctcp.ReadRate(rate, burst), asynctcp.ReadTimeout(timeout))
 		flFlood(t, peer)
-		flNone(t, rec.ch, watch, "event while throttled below the read timeout")
+		beNone(t, rec.ch, watch, "event while throttled below the read timeout")
 		if got := n.Load(); got < 2*burst {
 			t.Errorf("read %d bytes in %v at %d B/s, want at least %d", got, watch, rate, 2*burst)
 		}
@@ -1851,7 +1819,7 @@ func TestRateWaitIsNotInactivity(t *testing.T) {
 		if err := s.WriteData(flMakePattern(0, 256<<10)); err != nil {
 			t.Fatalf("WriteData: %v", err)
 		}
-		flNone(t, rec.ch, watch, "event while throttled below the write timeout")
+		beNone(t, rec.ch, watch, "event while throttled below the write timeout")
 		if got := received.Load(); got < 2*burst {
 			t.Errorf("the peer got %d bytes in %v at %d B/s, want at least %d", got, watch, rate, 2*burst)
 		}

@@ -37,7 +37,7 @@ func stLoop(t *testing.T) *asynctcp.Loop {
 		}
 		l.Exit(errStTestFailed)
 		select {
-		case <-stGoWait(l):
+		case <-goWait(l):
 		case <-time.After(stTimeout):
 			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
 		}
@@ -45,19 +45,12 @@ func stLoop(t *testing.T) *asynctcp.Loop {
 	return l
 }
 
-// stGoWait runs l.Wait in a goroutine and delivers its result.
-func stGoWait(l *asynctcp.Loop) <-chan error {
-	done := make(chan error, 1)
-	go func() { done <- l.Wait() }()
-	return done
-}
-
 // stWaitLoop waits for l.Wait to return nil, failing the test after
 // stTimeout.
 func stWaitLoop(t *testing.T, l *asynctcp.Loop) {
 	t.Helper()
 	select {
-	case err := <-stGoWait(l):
+	case err := <-goWait(l):
 		if err != nil {
 			t.Fatalf("Loop.Wait = %v, want nil", err)
 		}
@@ -328,7 +321,7 @@ func TestStreamPassesNettestConn(t *testing.T) {
 		if err != nil {
 			l.Exit(err)
 			select {
-			case <-stGoWait(l):
+			case <-goWait(l):
 			case <-time.After(stTimeout):
 				t.Errorf("Loop.Wait did not return after Exit (stats %+v)", l.Stats())
 			}
@@ -339,14 +332,14 @@ func TestStreamPassesNettestConn(t *testing.T) {
 			s.Close()
 			srv.Close()
 			select {
-			case err := <-stGoWait(l):
+			case err := <-goWait(l):
 				if err != nil {
 					t.Errorf("Loop.Wait = %v, want nil", err)
 				}
 			case <-time.After(stTimeout):
 				t.Errorf("stop: Loop.Wait did not return within %v (stats %+v)", stTimeout, l.Stats())
 				l.Exit(errStTestFailed)
-				<-stGoWait(l)
+				<-goWait(l)
 			}
 		}
 		return c, s, stop, nil

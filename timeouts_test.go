@@ -168,27 +168,6 @@ func beWithin(t *testing.T, elapsed, d, slack time.Duration, what string) {
 	}
 }
 
-// bePort returns the TCP port of a.
-func bePort(t *testing.T, a net.Addr) int {
-	t.Helper()
-	tcp, ok := a.(*net.TCPAddr)
-	if !ok || tcp.Port == 0 {
-		t.Fatalf("address %v (%T) has no TCP port", a, a)
-	}
-	return tcp.Port
-}
-
-// beRawListen starts a plain net.Listener peer on a free loopback port.
-func beRawListen(t *testing.T) (net.Listener, int) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("net.Listen: %v", err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	return ln, bePort(t, ln.Addr())
-}
-
 // beAccept accepts one connection on a raw listener, with a deadline.
 func beAccept(t *testing.T, ln net.Listener) *net.TCPConn {
 	t.Helper()
@@ -215,30 +194,6 @@ func beDial(t *testing.T, port int) *net.TCPConn {
 // beDeaf makes c a peer that never reads: a small fixed receive buffer, so
 // that a sender is held back after a few hundred KiB.
 func beDeaf(c *net.TCPConn) { c.SetReadBuffer(64 << 10) }
-
-// beListen starts an asynctcp server of l on a free loopback port.
-func beListen(t *testing.T, l *asynctcp.Loop, read asynctcp.ReadFunc, event asynctcp.EventFunc, opts ...asynctcp.Option) (*asynctcp.Server, int) {
-	t.Helper()
-	srv, err := l.Listen("127.0.0.1", 0, read, event, opts...)
-	if err != nil {
-		t.Fatalf("Listen on 127.0.0.1:0: %v", err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	return srv, bePort(t, srv.Addr())
-}
-
-// beConnect connects a socket of l to the loopback port.
-func beConnect(t *testing.T, l *asynctcp.Loop, port int, read asynctcp.ReadFunc, event asynctcp.EventFunc, opts ...asynctcp.Option) *asynctcp.Socket {
-	t.Helper()
-	s, err := l.Connect("127.0.0.1", port, read, event, opts...)
-	if err != nil {
-		t.Fatalf("Connect to 127.0.0.1:%d: %v", port, err)
-	}
-	if s == nil {
-		t.Fatal("Connect returned a nil socket and no error")
-	}
-	return s
-}
 
 // beConnected is a connect-cb that hands the socket to a channel.
 func beConnected(ch chan<- *asynctcp.Socket) asynctcp.Option {
@@ -323,13 +278,13 @@ func TestReadTimeoutAbortsIdleSocket(t *testing.T) {
 		start func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func())
 	}{
 		{"ReadTimeout on Connect", func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func()) {
-			ln, port := beRawListen(t)
+			ln, port := listenRaw(t)
 			begin := time.Now()
-			beConnect(t, l, port, nil, rec.cb, asynctcp.ReadTimeout(d))
+			connectLocal(t, l, port, nil, rec.cb, asynctcp.ReadTimeout(d))
 			return begin, beAccept(t, ln), func() {}
 		}},
 		{"ReadTimeout on Listen", func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func()) {
-			srv, port := beListen(t, l, nil, rec.cb, asynctcp.ReadTimeout(d))
+			srv, port := listenLocal(t, l, nil, rec.cb, asynctcp.ReadTimeout(d))
 			begin := time.Now()
 			c := beDial(t, port)
 			// The server stays open until closed; close it once its
@@ -337,9 +292,9 @@ func TestReadTimeoutAbortsIdleSocket(t *testing.T) {
 			return begin, c, func() { srv.Close() }
 		}},
 		{"SetTimeouts on a waiting read", func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func()) {
-			ln, port := beRawListen(t)
+			ln, port := listenRaw(t)
 			conn := make(chan *asynctcp.Socket, 1)
-			beConnect(t, l, port, nil, rec.cb, beConnected(conn))
+			connectLocal(t, l, port, nil, rec.cb, beConnected(conn))
 			c := beAccept(t, ln)
 			s := beRecv(t, conn, beDeadline, "connect-cb")
 			begin := time.Now()
@@ -383,11 +338,11 @@ func TestReadTimeoutRestartsOnEachArrival(t *testing.T) {
 		sends = 12 // 3d
 	)
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 	var got atomic.Int32
 	rec := beNewRecorder()
 	var atEvent atomic.Int32
-	beConnect(t, l, port,
+	connectLocal(t, l, port,
 		func(s *asynctcp.Socket, data []byte) { got.Add(int32(len(data))) },
 		func(ev error) { atEvent.Store(got.Load()); rec.cb(ev) },
 		asynctcp.ReadTimeout(d))
@@ -425,12 +380,12 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 			size = 16 << 20
 		)
 		l := beLoop(t)
-		ln, port := beRawListen(t)
+		ln, port := listenRaw(t)
 		rec := beNewRecorder()
 		setErr := make(chan error, 1)
 		reads := make(chan []byte, 16)
 		drained := make(chan struct{}, 1)
-		s := beConnect(t, l, port,
+		s := connectLocal(t, l, port,
 			func(s *asynctcp.Socket, data []byte) { reads <- data },
 			rec.cb,
 			asynctcp.ReadTimeout(d), asynctcp.WriteTimeout(d),
@@ -481,11 +436,11 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 	t.Run("under a waiting read", func(t *testing.T) {
 		const d = 300 * time.Millisecond
 		l := beLoop(t)
-		ln, port := beRawListen(t)
+		ln, port := listenRaw(t)
 		rec := beNewRecorder()
 		conn := make(chan *asynctcp.Socket, 1)
 		reads := make(chan []byte, 16)
-		beConnect(t, l, port,
+		connectLocal(t, l, port,
 			func(s *asynctcp.Socket, data []byte) { reads <- data },
 			rec.cb, asynctcp.ReadTimeout(d), beConnected(conn))
 		peer := beAccept(t, ln)
@@ -512,7 +467,7 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 // negative value is an error and changes nothing.
 func TestNegativeTimeoutIsError(t *testing.T) {
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 
 	if s, err := l.Connect("127.0.0.1", port, nil, nil, asynctcp.ReadTimeout(-time.Second)); err == nil {
 		s.Abort()
@@ -542,7 +497,7 @@ func TestNegativeTimeoutIsError(t *testing.T) {
 	// The raw listener never accepts: the kernel completes the connect.
 	rec := beNewRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
-	beConnect(t, l, port, nil, rec.cb, beConnected(conn))
+	connectLocal(t, l, port, nil, rec.cb, beConnected(conn))
 	s := beRecv(t, conn, beDeadline, "connect-cb")
 	for _, rw := range [][2]time.Duration{{-1, 0}, {0, -1}, {-time.Second, -time.Second}, {time.Second, -1}} {
 		if err := s.SetTimeouts(rw[0], rw[1]); err == nil {
@@ -580,7 +535,7 @@ func TestReadTimeoutOnlyWhileReadingEnabled(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			d := tc.d
 			l := beLoop(t)
-			ln, port := beRawListen(t)
+			ln, port := listenRaw(t)
 			rec := beNewRecorder()
 			conn := make(chan *asynctcp.Socket, 1)
 			opts := []asynctcp.Option{beConnected(conn)}
@@ -592,7 +547,7 @@ func TestReadTimeoutOnlyWhileReadingEnabled(t *testing.T) {
 					conn <- s
 				})}
 			}
-			beConnect(t, l, port, nil, rec.cb, opts...)
+			connectLocal(t, l, port, nil, rec.cb, opts...)
 			peer := beAccept(t, ln)
 			s := beRecv(t, conn, beDeadline, "connect-cb")
 			if !tc.inConnectCb {
@@ -656,11 +611,11 @@ func TestWriteTimeoutWhenPeerNeverReads(t *testing.T) {
 			var srv *asynctcp.Server
 			if tc.listen {
 				var port int
-				srv, port = beListen(t, l, nil, rec.cb, opts...)
+				srv, port = listenLocal(t, l, nil, rec.cb, opts...)
 				peer = beDial(t, port)
 			} else {
-				ln, port := beRawListen(t)
-				beConnect(t, l, port, nil, rec.cb, opts...)
+				ln, port := listenRaw(t)
+				connectLocal(t, l, port, nil, rec.cb, opts...)
 				peer = beAccept(t, ln)
 			}
 			beDeaf(peer)
@@ -692,11 +647,11 @@ func TestWriteTimeoutWhenPeerNeverReads(t *testing.T) {
 func TestNoWriteTimeoutWithoutQueuedOutput(t *testing.T) {
 	const d = 150 * time.Millisecond
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 	rec := beNewRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
 	drained := make(chan struct{}, 4)
-	beConnect(t, l, port, nil, rec.cb, asynctcp.WriteTimeout(d), beConnected(conn),
+	connectLocal(t, l, port, nil, rec.cb, asynctcp.WriteTimeout(d), beConnected(conn),
 		asynctcp.OnWrite(func(*asynctcp.Socket) { drained <- struct{}{} }))
 	peer := beAccept(t, ln)
 	s := beRecv(t, conn, beDeadline, "connect-cb")
@@ -796,7 +751,7 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 		chunk = 64 << 10
 	)
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 	rec := beNewRecorder()
 	var (
 		enabled      atomic.Bool // set before Enable(EvRead)
@@ -818,7 +773,7 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 			close(allReceived)
 		}
 	}
-	s := beConnect(t, l, port, read, rec.cb, asynctcp.OnConnect(func(s *asynctcp.Socket) {
+	s := connectLocal(t, l, port, read, rec.cb, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		disableError <- s.Disable(asynctcp.EvRead)
 	}))
 	peer := beAccept(t, ln)
@@ -882,12 +837,12 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 func TestDisableWriteHoldsOutput(t *testing.T) {
 	const size = 1 << 20
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 	rec := beNewRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
 	reads := make(chan []byte, 16)
 	drained := make(chan struct{}, 1)
-	beConnect(t, l, port,
+	connectLocal(t, l, port,
 		func(s *asynctcp.Socket, data []byte) { reads <- data },
 		rec.cb, beConnected(conn),
 		asynctcp.OnWrite(func(*asynctcp.Socket) {
@@ -984,14 +939,14 @@ func TestDisableWriteSuspendsWriteTimeout(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			d := tc.d
 			l := beLoop(t)
-			ln, port := beRawListen(t)
+			ln, port := listenRaw(t)
 			rec := beNewRecorder()
 			conn := make(chan *asynctcp.Socket, 1)
 			opts := []asynctcp.Option{beConnected(conn)}
 			if !tc.underWrite {
 				opts = append(opts, asynctcp.WriteTimeout(d))
 			}
-			beConnect(t, l, port, nil, rec.cb, opts...)
+			connectLocal(t, l, port, nil, rec.cb, opts...)
 			peer := beAccept(t, ln)
 			beDeaf(peer)
 			s := beRecv(t, conn, beDeadline, "connect-cb")
@@ -1046,11 +1001,11 @@ func TestCloseHonoursWriteTimeout(t *testing.T) {
 		size = 64 << 20
 	)
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 	rec := beNewRecorder()
 	closed := make(chan error, 1)
 	begin := time.Now()
-	s := beConnect(t, l, port, nil, rec.cb, asynctcp.WriteTimeout(d),
+	s := connectLocal(t, l, port, nil, rec.cb, asynctcp.WriteTimeout(d),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			if err := s.WriteData(beMakePattern(size)); err != nil {
 				t.Errorf("WriteData: %v", err)
@@ -1078,10 +1033,10 @@ func TestCloseHonoursWriteTimeout(t *testing.T) {
 func TestCloseFlushesWithWriteDisabled(t *testing.T) {
 	const size = 4 << 20
 	l := beLoop(t)
-	ln, port := beRawListen(t)
+	ln, port := listenRaw(t)
 	rec := beNewRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
-	beConnect(t, l, port, nil, rec.cb, beConnected(conn))
+	connectLocal(t, l, port, nil, rec.cb, beConnected(conn))
 	peer := beAccept(t, ln)
 	s := beRecv(t, conn, beDeadline, "connect-cb")
 	if err := s.Disable(asynctcp.EvWrite); err != nil {
@@ -1126,7 +1081,7 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 		sendChunk = 64 << 10
 	)
 	l := beLoop(t)
-	backLn, backPort := beRawListen(t)
+	backLn, backPort := listenRaw(t)
 
 	var (
 		maxBuf  beMax
@@ -1197,7 +1152,7 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 			}
 		}
 	}
-	srv, port := beListen(t, l, relay, frontEvent, asynctcp.OnWrite(resume),
+	srv, port := listenLocal(t, l, relay, frontEvent, asynctcp.OnWrite(resume),
 		asynctcp.OnConnect(func(front *asynctcp.Socket) {
 			back, err := l.Connect("127.0.0.1", backPort, relay, backEvent, asynctcp.OnWrite(resume))
 			if err != nil {

@@ -37,7 +37,7 @@ func TestDialerKeepAlive(t *testing.T) {
 				err      error
 			}
 			got := make(chan opts, 1)
-			_, err = l.Connect("127.0.0.1", tlPort(srv), nil, nil,
+			_, err = l.Connect("127.0.0.1", exPort(srv), nil, nil,
 				asynctcp.Dialer(&net.Dialer{KeepAlive: tc.keepAlive}),
 				asynctcp.OnConnect(func(s *asynctcp.Socket) {
 					defer s.Close()

@@ -46,7 +46,7 @@ func tlLoop(t *testing.T) *asynctcp.Loop {
 		}
 		l.Exit(errors.New("tls_test: test failed"))
 		select {
-		case <-tlGoWait(l):
+		case <-goWait(l):
 		case <-time.After(tlTimeout):
 			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
 		}
@@ -54,17 +54,11 @@ func tlLoop(t *testing.T) *asynctcp.Loop {
 	return l
 }
 
-func tlGoWait(l *asynctcp.Loop) <-chan error {
-	done := make(chan error, 1)
-	go func() { done <- l.Wait() }()
-	return done
-}
-
 // tlWait waits for l.Wait, failing the test after tlTimeout.
 func tlWait(t *testing.T, l *asynctcp.Loop) {
 	t.Helper()
 	select {
-	case err := <-tlGoWait(l):
+	case err := <-goWait(l):
 		if err != nil {
 			t.Errorf("Loop.Wait = %v, want nil", err)
 		}
@@ -114,9 +108,6 @@ func tlEvent(t *testing.T, ev error, class error, what string) *asynctcp.Event {
 	}
 	return e
 }
-
-// tlPort is the port of srv.
-func tlPort(srv *asynctcp.Server) int { return srv.Addr().(*net.TCPAddr).Port }
 
 // tlPKI holds a CA and a server certificate it signed, for 127.0.0.1,
 // localhost and tlName.
@@ -254,18 +245,6 @@ func tlAnswer(q []byte, queries *atomic.Int32) []byte {
 	return b
 }
 
-// tlPattern returns n bytes that do not repeat with a short period.
-func tlPattern(n int) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(i*7 + i/251)
-	}
-	return b
-}
-
-// tlEcho is a read-cb that writes every byte back.
-func tlEcho(s *asynctcp.Socket, data []byte) { s.WriteData(data) }
-
 // tlConnState is what a connect-cb saw of its socket's connection.
 type tlConnState struct {
 	isTLS     bool
@@ -323,7 +302,7 @@ func TestTLSClientHandshakesBeforeConnectCb(t *testing.T) {
 			cfg.ServerName = tc.serverName
 			clientSaw := make(chan tlConnState, 1)
 			events := tlNewEvents()
-			_, err = l.Connect(tc.host, tlPort(srv), nil, events.cb, asynctcp.TLS(cfg),
+			_, err = l.Connect(tc.host, exPort(srv), nil, events.cb, asynctcp.TLS(cfg),
 				asynctcp.Dialer(&net.Dialer{Resolver: resolver}),
 				asynctcp.OnConnect(func(s *asynctcp.Socket) {
 					clientSaw <- tlState(s)
@@ -371,7 +350,7 @@ func TestTLSServerSocketsAreTLSConns(t *testing.T) {
 	const greeting = "hello from a TLS server\n"
 	serverSaw := make(chan tlConnState, 1)
 	srvEvents := tlNewEvents()
-	srv, err := l.Listen("127.0.0.1", 0, tlEcho, srvEvents.cb, asynctcp.TLS(pki.server()),
+	srv, err := l.Listen("127.0.0.1", 0, exEcho, srvEvents.cb, asynctcp.TLS(pki.server()),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			serverSaw <- tlState(s)
 			s.WriteData([]byte(greeting))
@@ -381,12 +360,12 @@ func TestTLSServerSocketsAreTLSConns(t *testing.T) {
 	}
 	defer srv.Close()
 
-	payload := tlPattern(512 << 10)
+	payload := pattern(512 << 10)
 	want := append([]byte(greeting), payload...)
 	var got []byte // the client's callbacks run one at a time
 	done := make(chan []byte, 1)
 	events := tlNewEvents()
-	_, err = l.Connect("127.0.0.1", tlPort(srv),
+	_, err = l.Connect("127.0.0.1", exPort(srv),
 		func(s *asynctcp.Socket, data []byte) {
 			got = append(got, data...)
 			if len(got) >= len(want) {
@@ -428,7 +407,7 @@ func TestTLSServerTalksToCryptoTLSClient(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
 	l := tlLoop(t)
-	srv, err := l.Listen("127.0.0.1", 0, tlEcho, nil, asynctcp.TLS(pki.server()))
+	srv, err := l.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
@@ -441,7 +420,7 @@ func TestTLSServerTalksToCryptoTLSClient(t *testing.T) {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(tlTimeout))
-	payload := tlPattern(256 << 10)
+	payload := pattern(256 << 10)
 	werr := make(chan error, 1)
 	go func() {
 		_, err := c.Write(payload)
@@ -528,7 +507,7 @@ func TestTLSStreams(t *testing.T) {
 		t.Fatalf("ListenStream: %v", err)
 	}
 	defer srv.Close()
-	st, err := l.ConnectStream("127.0.0.1", tlPort(srv), nil, nil, asynctcp.TLS(pki.client()))
+	st, err := l.ConnectStream("127.0.0.1", exPort(srv), nil, nil, asynctcp.TLS(pki.client()))
 	if err != nil {
 		t.Fatalf("ConnectStream: %v", err)
 	}
@@ -561,7 +540,7 @@ func TestTLSSocketSurvivesIdleReader(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
 	l := tlLoop(t)
-	srv, err := l.Listen("127.0.0.1", 0, tlEcho, nil, asynctcp.TLS(pki.server()))
+	srv, err := l.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
@@ -570,7 +549,7 @@ func TestTLSSocketSurvivesIdleReader(t *testing.T) {
 	var got []byte
 	done := make(chan string, 1)
 	events := tlNewEvents()
-	_, err = l.Connect("127.0.0.1", tlPort(srv),
+	_, err = l.Connect("127.0.0.1", exPort(srv),
 		func(s *asynctcp.Socket, data []byte) {
 			got = append(got, data...)
 			switch string(got) {
@@ -615,7 +594,7 @@ func TestTLSHandshakeFailureIsTCPError(t *testing.T) {
 
 	events := tlNewEvents()
 	var connects atomic.Int32
-	s, err := l.Connect("127.0.0.1", tlPort(srv), nil, events.cb, asynctcp.TLS(stranger.client()),
+	s, err := l.Connect("127.0.0.1", exPort(srv), nil, events.cb, asynctcp.TLS(stranger.client()),
 		asynctcp.OnConnect(func(*asynctcp.Socket) { connects.Add(1) }))
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
@@ -795,7 +774,7 @@ func TestTLSExitEndsStalledHandshake(t *testing.T) {
 	exitErr := errors.New("stop")
 	l.Exit(exitErr)
 	select {
-	case err := <-tlGoWait(l):
+	case err := <-goWait(l):
 		if err != exitErr {
 			t.Errorf("Wait = %v, want the Exit value", err)
 		}
@@ -936,7 +915,7 @@ func TestDialerResolverAnswersLocally(t *testing.T) {
 	resolver, queries := tlResolver(t)
 	l := tlLoop(t)
 	srvEvents := tlNewEvents()
-	srv, err := l.Listen("127.0.0.1", 0, tlEcho, srvEvents.cb)
+	srv, err := l.Listen("127.0.0.1", 0, exEcho, srvEvents.cb)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
@@ -944,7 +923,7 @@ func TestDialerResolverAnswersLocally(t *testing.T) {
 	remote := make(chan string, 1)
 	var got []byte
 	done := make(chan string, 1)
-	_, err = l.Connect(tlName, tlPort(srv),
+	_, err = l.Connect(tlName, exPort(srv),
 		func(s *asynctcp.Socket, data []byte) {
 			got = append(got, data...)
 			if len(got) == len("ping") {
@@ -986,7 +965,7 @@ func TestDialerLocalAddr(t *testing.T) {
 	local := tlFreeAddr(t)
 	fromClient := make(chan string, 1)
 	events := tlNewEvents()
-	_, err = l.Connect("127.0.0.1", tlPort(srv), nil, events.cb,
+	_, err = l.Connect("127.0.0.1", exPort(srv), nil, events.cb,
 		asynctcp.Dialer(&net.Dialer{LocalAddr: local}),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			fromClient <- s.LocalAddr().String()
@@ -1056,7 +1035,7 @@ func TestDialerTimeout(t *testing.T) {
 			l := tlLoop(t)
 			events := tlNewEvents()
 			start := time.Now()
-			_, err := l.Connect(tc.host, tlPort(srv), nil, events.cb, asynctcp.Dialer(tc.d))
+			_, err := l.Connect(tc.host, exPort(srv), nil, events.cb, asynctcp.Dialer(tc.d))
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}
@@ -1095,7 +1074,7 @@ func TestDialerControl(t *testing.T) {
 	type call struct{ network, address string }
 	calls := make(chan call, 4)
 	connected := make(chan string, 1)
-	_, err = l.Connect("127.0.0.1", tlPort(srv), nil, nil,
+	_, err = l.Connect("127.0.0.1", exPort(srv), nil, nil,
 		asynctcp.Dialer(&net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
 			calls <- call{network, address}
 			return nil
@@ -1122,7 +1101,7 @@ func TestDialerControl(t *testing.T) {
 	errRefusedByControl := errors.New("refused by Control")
 	events := tlNewEvents()
 	var connects atomic.Int32
-	s, err := l.Connect("127.0.0.1", tlPort(srv), nil, events.cb,
+	s, err := l.Connect("127.0.0.1", exPort(srv), nil, events.cb,
 		asynctcp.Dialer(&net.Dialer{Control: func(string, string, syscall.RawConn) error {
 			return errRefusedByControl
 		}}),
@@ -1139,7 +1118,7 @@ func TestDialerControl(t *testing.T) {
 	// A last connect: had the refused one reached the server, the server
 	// would have accepted it before this one.
 	last := make(chan string, 1)
-	_, err = l.Connect("127.0.0.1", tlPort(srv), nil, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) {
+	_, err = l.Connect("127.0.0.1", exPort(srv), nil, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		last <- s.LocalAddr().String()
 		s.Close()
 	}))

@@ -1126,15 +1126,13 @@ func wrDial(t *testing.T, dial func() (net.Conn, error)) net.Conn {
 	return c
 }
 
-func wrEcho(s *asynctcp.Socket, data []byte) { s.WriteData(data) }
-
 func TestServeAcceptedSocketsGetCallbacksAndOptions(t *testing.T) {
 	const timeout = 300 * time.Millisecond
 	wrServeTransports(t, func(t *testing.T, ln net.Listener, dial func() (net.Conn, error)) {
 		l := wrLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
-		srv, err := l.Serve(ln, wrEcho, event,
+		srv, err := l.Serve(ln, exEcho, event,
 			asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }),
 			asynctcp.ReadTimeout(timeout))
 		if err != nil {
@@ -1179,7 +1177,7 @@ func TestServeCloseClosesListenerLeavesSocketsRunning(t *testing.T) {
 		l := wrLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
-		srv, err := l.Serve(ln, wrEcho, event, asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }))
+		srv, err := l.Serve(ln, exEcho, event, asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }))
 		if err != nil {
 			t.Fatalf("Serve: %v", err)
 		}
