@@ -93,6 +93,11 @@ var (
 	// MaxBuffered, so nothing was queued. It is returned to the writer,
 	// never given to the event-cb.
 	ErrBufferFull error = newClass("buffer-full", ErrTCPError)
+	// ErrBadArgument is bad-argument: a call was given an argument it
+	// cannot take, or was made where it cannot work (Loop.Wait inside a
+	// callback of its own loop). It stands apart from the connection
+	// conditions: nothing happened on any connection.
+	ErrBadArgument error = newClass("bad-argument")
 )
 
 // Event is a condition delivered to an event-cb or returned by a call: one
