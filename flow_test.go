@@ -16,7 +16,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,108 +26,16 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// flDeadline bounds every wait of this file on a callback or a peer.
-const flDeadline = 10 * time.Second
-
 // flReadChunk is the most one read of a socket takes from its conn (the
 // library's read buffer): the unit by which a read-cb can overshoot.
 const flReadChunk = 64 << 10
-
-// flLoop returns a fresh loop. Should the test fail before it has waited
-// for the loop, a cleanup exits the loop so that its goroutines end.
-func flLoop(t *testing.T) *asynctcp.Loop {
-	t.Helper()
-	l := &asynctcp.Loop{}
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		l.Exit(errors.New("test failed"))
-		done := make(chan error, 1)
-		go func() { done <- l.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(flDeadline):
-			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
-		}
-	})
-	return l
-}
-
-// flWait waits for l.Wait to return nil, failing the test after flDeadline.
-func flWait(t *testing.T, l *asynctcp.Loop) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- l.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("Loop.Wait: %v", err)
-		}
-	case <-time.After(flDeadline):
-		t.Fatalf("Loop.Wait did not return within %v (stats %+v)", flDeadline, l.Stats())
-	}
-}
-
-// flRecv receives from ch, failing the test after flDeadline.
-func flRecv[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(flDeadline):
-		t.Fatalf("timed out after %v waiting for %s", flDeadline, what)
-	}
-	var zero T
-	return zero
-}
-
-// flEventually polls cond every few milliseconds, failing the test if it
-// does not hold within flDeadline.
-func flEventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(flDeadline)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not true after %v", what, flDeadline)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// flGo runs f in a goroutine that the test owns: when the test ends, the
-// closers are closed (which unblocks f) and the goroutine is waited for.
-func flGo(t *testing.T, what string, f func(), closers ...io.Closer) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	t.Cleanup(func() {
-		for _, c := range closers {
-			c.Close()
-		}
-		select {
-		case <-done:
-		case <-time.After(flDeadline):
-			t.Errorf("cleanup: %s goroutine did not end", what)
-		}
-	})
-}
-
-// flRawListen starts a plain listener on a free loopback port.
-func flRawListen(t *testing.T) (net.Listener, int) {
-	t.Helper()
-	return flRawListenBuf(t, 0)
-}
 
 // flSmallBuf is the receive buffer of a slow peer and the send buffer of
 // the socket writing to it, so that a few hundred KiB fill the way
 // between them.
 const flSmallBuf = 16 << 10
 
-// flRawListenBuf is flRawListen whose accepted connections have a receive
+// flRawListenBuf is listenRaw whose accepted connections have a receive
 // buffer of rcvbuf bytes (0: the system's). It is set on the listener,
 // before any connection: shrinking the receive buffer of an established
 // loopback connection can stall it for seconds.
@@ -154,29 +61,6 @@ func flRawListenBuf(t *testing.T, rcvbuf int) (net.Listener, int) {
 	return ln, portOf(t, ln.Addr())
 }
 
-// flAccept accepts one connection on a raw listener, with a deadline.
-func flAccept(t *testing.T, ln net.Listener) *net.TCPConn {
-	t.Helper()
-	ln.(*net.TCPListener).SetDeadline(time.Now().Add(flDeadline))
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatalf("raw peer accept: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c.(*net.TCPConn)
-}
-
-// flDial connects a plain net.Conn peer to the loopback port.
-func flDial(t *testing.T, port int) *net.TCPConn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), flDeadline)
-	if err != nil {
-		t.Fatalf("raw peer dial: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c.(*net.TCPConn)
-}
-
 // flPair connects a socket of l to a raw peer and returns both once the
 // socket's connect-cb has run.
 func flPair(t *testing.T, l *asynctcp.Loop, read asynctcp.ReadFunc, event asynctcp.EventFunc, opts ...asynctcp.Option) (*asynctcp.Socket, *net.TCPConn) {
@@ -187,7 +71,7 @@ func flPair(t *testing.T, l *asynctcp.Loop, read asynctcp.ReadFunc, event asynct
 // flPairHook is flPair whose connect-cb runs hook first (nil: none).
 func flPairHook(t *testing.T, l *asynctcp.Loop, hook func(*asynctcp.Socket), read asynctcp.ReadFunc, event asynctcp.EventFunc, opts ...asynctcp.Option) (*asynctcp.Socket, *net.TCPConn) {
 	t.Helper()
-	ln, port := flRawListen(t)
+	ln, port := listenRaw(t)
 	return flPairOn(t, l, ln, port, hook, read, event, opts...)
 }
 
@@ -222,47 +106,17 @@ func flPairOn(t *testing.T, l *asynctcp.Loop, ln net.Listener, port int, hook fu
 	if err != nil {
 		t.Fatalf("Connect to 127.0.0.1:%d: %v", port, err)
 	}
-	peer := flAccept(t, ln)
-	if got := flRecv(t, up, "the socket's connect-cb"); got != s {
+	peer := acceptRawKeepBuf(t, ln)
+	if got := waitFor(t, up, "the socket's connect-cb"); got != s {
 		t.Fatalf("connect-cb got socket %p, want %p", got, s)
 	}
 	return s, peer
 }
 
-// flRecorder is an event-cb that counts its events and forwards them.
-type flRecorder struct {
-	n  atomic.Int32
-	ch chan error
-}
-
-func flNewRecorder() *flRecorder { return &flRecorder{ch: make(chan error, 16)} }
-
-func (r *flRecorder) cb(ev error) {
-	r.n.Add(1)
-	select {
-	case r.ch <- ev:
-	default:
-	}
-}
-
-// flEvent fails the test unless err is an *asynctcp.Event whose class is
-// exactly class (errors.Is must agree), and returns it.
-func flEvent(t *testing.T, err error, class error, what string) *asynctcp.Event {
-	t.Helper()
-	var ev *asynctcp.Event
-	if !errors.As(err, &ev) {
-		t.Fatalf("%s: got %T (%v), want an *asynctcp.Event", what, err, err)
-	}
-	if ev.Class != class || !errors.Is(err, class) {
-		t.Fatalf("%s: event class %v (%v), want %v", what, ev.Class, err, class)
-	}
-	return ev
-}
-
 // flBufferFull fails the test unless err is the ErrBufferFull event of s.
 func flBufferFull(t *testing.T, err error, s *asynctcp.Socket, what string) {
 	t.Helper()
-	ev := flEvent(t, err, asynctcp.ErrBufferFull, what)
+	ev := wantClass(t, err, asynctcp.ErrBufferFull, what)
 	if ev.Socket != s {
 		t.Errorf("%s: event Socket %p, want %p", what, ev.Socket, s)
 	}
@@ -271,94 +125,31 @@ func flBufferFull(t *testing.T, err error, s *asynctcp.Socket, what string) {
 	}
 }
 
-// flClosedErr fails the test unless err is the ErrSocketClosed event of s.
-func flClosedErr(t *testing.T, err error, s *asynctcp.Socket, what string) {
-	t.Helper()
-	ev := flEvent(t, err, asynctcp.ErrSocketClosed, what)
-	if ev.Socket != s {
-		t.Errorf("%s: event Socket %p, want %p", what, ev.Socket, s)
-	}
-}
-
-// The byte pattern of this file: byte i of a stream is byte(i % flPeriod),
-// so that a lost, repeated or reordered chunk shows.
-const flPeriod = 251
-
-var flTable = sync.OnceValue(func() []byte {
-	b := make([]byte, 1<<20+flPeriod)
-	for i := range b {
-		b[i] = byte(i % flPeriod)
-	}
-	return b
-})
-
-// flPattern returns bytes off to off+n of the pattern (n <= 1 MiB), shared:
-// the caller must not modify them.
-func flPattern(off, n int) []byte {
-	o := off % flPeriod
-	return flTable()[o : o+n : o+n]
-}
-
-// flMakePattern returns bytes off to off+n of the pattern, freshly made.
-func flMakePattern(off, n int) []byte {
-	b := make([]byte, n)
-	for i := 0; i < n; i += 1 << 20 {
-		copy(b[i:], flPattern(off+i, min(1<<20, n-i)))
-	}
-	return b
-}
-
-// flMatches reports whether p is the pattern from offset off.
-func flMatches(off int, p []byte) bool {
-	for len(p) > 0 {
-		n := min(len(p), 1<<20)
-		if !bytes.Equal(p[:n], flPattern(off, n)) {
-			return false
-		}
-		off, p = off+n, p[n:]
-	}
-	return true
-}
-
 // flReadPattern reads exactly n bytes from c and fails the test unless
 // they are the pattern from offset off.
 func flReadPattern(t *testing.T, c net.Conn, off, n int, what string) {
 	t.Helper()
-	c.SetReadDeadline(time.Now().Add(flDeadline))
+	c.SetReadDeadline(time.Now().Add(waitTimeout))
 	buf := make([]byte, n)
 	if got, err := io.ReadFull(c, buf); err != nil {
 		t.Fatalf("%s: read %d of %d bytes: %v", what, got, n, err)
 	}
-	if !flMatches(off, buf) {
+	if !isPatternAt(off, buf) {
 		t.Fatalf("%s: the %d bytes from offset %d are not the pattern", what, n, off)
 	}
 }
 
 // flReadToEOF reads c to its end and returns what came, failing the test
-// if the end does not come within flDeadline.
+// if the end does not come within waitTimeout.
 func flReadToEOF(t *testing.T, c net.Conn, what string) []byte {
 	t.Helper()
-	c.SetReadDeadline(time.Now().Add(flDeadline))
+	c.SetReadDeadline(time.Now().Add(waitTimeout))
 	b, err := io.ReadAll(c)
 	if err != nil {
 		t.Fatalf("%s: reading to EOF after %d bytes: %v", what, len(b), err)
 	}
 	return b
 }
-
-// flMax keeps the largest value observed, from any goroutine.
-type flMax struct{ v atomic.Int64 }
-
-func (m *flMax) observe(x int) {
-	for {
-		cur := m.v.Load()
-		if int64(x) <= cur || m.v.CompareAndSwap(cur, int64(x)) {
-			return
-		}
-	}
-}
-
-func (m *flMax) get() int { return int(m.v.Load()) }
 
 // TestFlowOptionsRejectBadValues: bad values of the flow control and rate
 // options make Connect and Listen fail with an error naming the option;
@@ -382,7 +173,7 @@ func TestFlowOptionsRejectBadValues(t *testing.T) {
 		{asynctcp.InRateGroup(asynctcp.NewRateGroup(-1, 0, 10)), "InRateGroup"},
 		{asynctcp.InRateGroup(asynctcp.NewRateGroup(0, 10, 0)), "InRateGroup"},
 	}
-	l := flLoop(t)
+	l := newTestLoop(t)
 	for i, tc := range bad {
 		s, err := l.Connect("127.0.0.1", 1, nil, nil, tc.opt)
 		if err == nil || !strings.Contains(err.Error(), tc.name) {
@@ -418,7 +209,7 @@ func TestFlowOptionsRejectBadValues(t *testing.T) {
 		}
 		srv.Close()
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestWritableFollowsHighWatermark: Writable is false while Buffered() is
@@ -438,7 +229,7 @@ func TestWritableFollowsHighWatermark(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := flLoop(t)
+			l := newTestLoop(t)
 			s, peer := flPair(t, l, nil, nil, tc.opts...)
 			if err := s.Disable(asynctcp.EvWrite); err != nil {
 				t.Fatalf("Disable(EvWrite): %v", err)
@@ -449,7 +240,7 @@ func TestWritableFollowsHighWatermark(t *testing.T) {
 			off := 0
 			queue := func(n int) {
 				t.Helper()
-				if err := s.WriteData(flPattern(off, n)); err != nil {
+				if err := s.WriteData(patternAt(off, n)); err != nil {
 					t.Fatalf("WriteData(%d bytes): %v", n, err)
 				}
 				off += n
@@ -482,7 +273,7 @@ func TestWritableFollowsHighWatermark(t *testing.T) {
 				t.Fatalf("Enable(EvWrite): %v", err)
 			}
 			flReadPattern(t, peer, 0, off, "the peer")
-			flEventually(t, "Buffered() == 0 after the peer read everything", func() bool { return s.Buffered() == 0 })
+			eventually(t, "Buffered() == 0 after the peer read everything", func() bool { return s.Buffered() == 0 })
 			if !s.Writable() {
 				t.Error("Writable() false once drained")
 			}
@@ -490,7 +281,7 @@ func TestWritableFollowsHighWatermark(t *testing.T) {
 			if rest := flReadToEOF(t, peer, "the peer after Close"); len(rest) != 0 {
 				t.Errorf("the peer got %d bytes more than were written", len(rest))
 			}
-			flWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 		})
 	}
 }
@@ -517,7 +308,7 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := flLoop(t)
+			l := newTestLoop(t)
 			type call struct {
 				buffered int
 				enabled  bool // EvWrite had been enabled again when it ran
@@ -538,7 +329,7 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 			if err := s.Disable(asynctcp.EvWrite); err != nil {
 				t.Fatalf("Disable(EvWrite): %v", err)
 			}
-			if err := s.WriteData(flMakePattern(0, lenA)); err != nil {
+			if err := s.WriteData(makePatternAt(0, lenA)); err != nil {
 				t.Fatalf("WriteData(A): %v", err)
 			}
 			if err := s.Enable(asynctcp.EvWrite); err != nil {
@@ -548,7 +339,7 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 			if err := s.Disable(asynctcp.EvWrite); err != nil {
 				t.Fatalf("Disable(EvWrite): %v", err)
 			}
-			if err := s.WriteData(flPattern(lenA, lenB)); err != nil {
+			if err := s.WriteData(patternAt(lenA, lenB)); err != nil {
 				t.Fatalf("WriteData(B): %v", err)
 			}
 			// WriteData may write part of A at once; the rest of A, and B,
@@ -559,12 +350,12 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 			flReadPattern(t, peer, 1, lenA-1, "the rest of A")
 
 			if tc.low > 0 {
-				c := flRecv(t, calls, "the write-cb once A is written (Buffered() falls to len(B) <= low)")
+				c := waitFor(t, calls, "the write-cb once A is written (Buffered() falls to len(B) <= low)")
 				if c.buffered != lenB || c.enabled {
 					t.Errorf("first write-cb saw Buffered() %d (EvWrite enabled again: %v), want %d with B held", c.buffered, c.enabled, lenB)
 				}
 			} else {
-				beNone(t, calls, 300*time.Millisecond, "write-cb with B still queued and low 0")
+				expectNone(t, calls, 300*time.Millisecond, "write-cb with B still queued and low 0")
 			}
 			enabled.Store(true)
 			if err := s.Enable(asynctcp.EvWrite); err != nil {
@@ -572,18 +363,18 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 			}
 			flReadPattern(t, peer, lenA, lenB, "B")
 			if tc.low == 0 {
-				c := flRecv(t, calls, "the write-cb once B is written")
+				c := waitFor(t, calls, "the write-cb once B is written")
 				if c.buffered != 0 || !c.enabled {
 					t.Errorf("write-cb saw Buffered() %d (after Enable: %v), want 0 after Enable", c.buffered, c.enabled)
 				}
 			}
-			flEventually(t, "Buffered() == 0 after B", func() bool { return s.Buffered() == 0 })
+			eventually(t, "Buffered() == 0 after B", func() bool { return s.Buffered() == 0 })
 
-			if err := s.WriteData(flMakePattern(lenA+lenB, lenD)); err != nil {
+			if err := s.WriteData(makePatternAt(lenA+lenB, lenD)); err != nil {
 				t.Fatalf("WriteData(D): %v", err)
 			}
 			flReadPattern(t, peer, lenA+lenB, lenD, "D")
-			c := flRecv(t, calls, "the write-cb once D is written")
+			c := waitFor(t, calls, "the write-cb once D is written")
 			if c.buffered > tc.low {
 				t.Errorf("write-cb after D saw Buffered() %d, want <= low %d", c.buffered, tc.low)
 			}
@@ -591,7 +382,7 @@ func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 			if rest := flReadToEOF(t, peer, "the peer after Close"); len(rest) != 0 {
 				t.Errorf("the peer got %d bytes more than were written", len(rest))
 			}
-			flWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 			if n := count.Load(); n != 2 {
 				t.Errorf("write-cb ran %d times, want 2 (once for A+B, once for D)", n)
 			}
@@ -614,12 +405,12 @@ func TestWriteWatermarksPumpRefillsAtLow(t *testing.T) {
 		high  = 256 << 10
 		total = 16 << 20
 	)
-	l := flLoop(t)
+	l := newTestLoop(t)
 	var (
 		off      int // the pump's place: touched only by callbacks of one socket
 		cbs      atomic.Int32
-		overLow  flMax // the largest Buffered() a write-cb found
-		peak     flMax
+		overLow  maxObserved // the largest Buffered() a write-cb found
+		peak     maxObserved
 		pumpErrs = make(chan error, 4)
 	)
 	report := func(err error) {
@@ -633,7 +424,7 @@ func TestWriteWatermarksPumpRefillsAtLow(t *testing.T) {
 			return
 		}
 		n := min(high-s.Buffered(), total-off)
-		if err := s.WriteData(flPattern(off, n)); err != nil {
+		if err := s.WriteData(patternAt(off, n)); err != nil {
 			report(err)
 			return
 		}
@@ -654,14 +445,14 @@ func TestWriteWatermarksPumpRefillsAtLow(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	peer := flAccept(t, ln)
+	peer := acceptRawKeepBuf(t, ln)
 
-	peer.SetReadDeadline(time.Now().Add(flDeadline))
+	peer.SetReadDeadline(time.Now().Add(waitTimeout))
 	got, mismatch := 0, -1
 	buf := make([]byte, 16<<10)
 	for {
 		n, err := peer.Read(buf)
-		if mismatch < 0 && !flMatches(got, buf[:n]) {
+		if mismatch < 0 && !isPatternAt(got, buf[:n]) {
 			mismatch = got
 		}
 		got += n
@@ -672,7 +463,7 @@ func TestWriteWatermarksPumpRefillsAtLow(t *testing.T) {
 			t.Fatalf("peer read after %d bytes: %v (write-cbs %d, Buffered() %d)", got, err, cbs.Load(), s.Buffered())
 		}
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	close(pumpErrs)
 	for err := range pumpErrs {
 		t.Errorf("pump: %v", err)
@@ -719,11 +510,11 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 		slowChunk = 64 << 10
 		sendChunk = 64 << 10
 	)
-	l := flLoop(t)
-	backLn, backPort := flRawListen(t)
+	l := newTestLoop(t)
+	backLn, backPort := listenRaw(t)
 
 	var (
-		maxBuf   flMax
+		maxBuf   maxObserved
 		pauses   atomic.Int32
 		rechecks atomic.Int32
 		errs     = make(chan error, 16)
@@ -798,9 +589,9 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 			backs <- back
 		}))
 
-	client := flDial(t, port)
-	back := flRecv(t, backs, "the proxy's backend connection")
-	backend := flAccept(t, backLn)
+	client := dialRaw(t, port)
+	back := waitFor(t, backs, "the proxy's backend connection")
+	backend := acceptRawKeepBuf(t, backLn)
 
 	type backendResult struct {
 		n        int
@@ -808,12 +599,12 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 		err      error
 	}
 	backDone := make(chan backendResult, 1)
-	flGo(t, "slow backend", func() {
+	goOwned(t, "slow backend", func() {
 		res := backendResult{mismatch: -1}
 		buf := make([]byte, slowChunk)
 		for {
 			n, err := io.ReadFull(backend, buf)
-			if res.mismatch < 0 && !flMatches(res.n, buf[:n]) {
+			if res.mismatch < 0 && !isPatternAt(res.n, buf[:n]) {
 				res.mismatch = res.n
 			}
 			res.n += n
@@ -831,9 +622,9 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 	}, backend)
 
 	clientDone := make(chan error, 1)
-	flGo(t, "client", func() {
+	goOwned(t, "client", func() {
 		for off := 0; off < total; off += sendChunk {
-			if _, err := client.Write(flPattern(off, min(sendChunk, total-off))); err != nil {
+			if _, err := client.Write(patternAt(off, min(sendChunk, total-off))); err != nil {
 				clientDone <- err
 				return
 			}
@@ -854,14 +645,14 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 		t.Fatalf("the backend did not receive everything within 60s (max Buffered() so far %d)", maxBuf.get())
 	}
 	elapsed := time.Since(begin)
-	if err := flRecv(t, clientDone, "the client to finish"); err != nil {
+	if err := waitFor(t, clientDone, "the client to finish"); err != nil {
 		t.Errorf("client: %v", err)
 	}
-	if ev := flRecv(t, frontEv, "the proxy's client-side EOF event"); !errors.Is(ev, asynctcp.ErrTCPEOF) {
+	if ev := waitFor(t, frontEv, "the proxy's client-side EOF event"); !errors.Is(ev, asynctcp.ErrTCPEOF) {
 		t.Errorf("client-side event %v, want ErrTCPEOF", ev)
 	}
 	srv.Close()
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if !back.Closed() {
 		t.Error("the backend side is not closed")
 	}
@@ -897,8 +688,8 @@ func TestProxyWritableBoundsBuffered(t *testing.T) {
 // the accepted bytes.
 func TestMaxBufferedRefusesWholeWrite(t *testing.T) {
 	const limit = 1000
-	l := flLoop(t)
-	rec := flNewRecorder()
+	l := newTestLoop(t)
+	rec := newEventRecorder()
 	s, peer := flPair(t, l, nil, rec.cb, asynctcp.MaxBuffered(limit))
 	if err := s.Disable(asynctcp.EvWrite); err != nil { // so that Buffered() is exact
 		t.Fatalf("Disable(EvWrite): %v", err)
@@ -933,7 +724,7 @@ func TestMaxBufferedRefusesWholeWrite(t *testing.T) {
 		t.Fatalf("Enable(EvWrite): %v", err)
 	}
 	want := append(fill('a', 600), fill('d', 400)...)
-	peer.SetReadDeadline(time.Now().Add(flDeadline))
+	peer.SetReadDeadline(time.Now().Add(waitTimeout))
 	got := make([]byte, len(want))
 	if _, err := io.ReadFull(peer, got); err != nil {
 		t.Fatalf("peer read: %v", err)
@@ -941,7 +732,7 @@ func TestMaxBufferedRefusesWholeWrite(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatalf("the peer got %q..., want 600 'a' then 400 'd'", got[:min(len(got), 40)])
 	}
-	flEventually(t, "Buffered() == 0", func() bool { return s.Buffered() == 0 })
+	eventually(t, "Buffered() == 0", func() bool { return s.Buffered() == 0 })
 	flBufferFull(t, s.WriteData(fill('x', limit+1)), s, "WriteData larger than MaxBuffered on an empty buffer")
 	if n, err := s.Write(fill('f', limit)); err != nil || n != limit {
 		t.Fatalf("Write(%d) once drained: %d, %v", limit, n, err)
@@ -951,7 +742,7 @@ func TestMaxBufferedRefusesWholeWrite(t *testing.T) {
 	if !bytes.Equal(rest, fill('f', limit)) {
 		t.Errorf("after the first 1000 bytes the peer got %d bytes %q..., want %d 'f'", len(rest), rest[:min(len(rest), 40)], limit)
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := rec.n.Load(); n != 0 {
 		t.Errorf("the event-cb got %d events (first %v), want none", n, <-rec.ch)
 	}
@@ -966,11 +757,11 @@ func TestStreamWriteUnderMaxBufferedQueuesPieces(t *testing.T) {
 		limit = 64 << 10
 		total = 4<<20 + 123
 	)
-	l := flLoop(t)
+	l := newTestLoop(t)
 	s, peer := flPairSmall(t, l, nil, nil, nil, asynctcp.MaxBuffered(limit))
 	st := asynctcp.NewStream(s)
 
-	var peak flMax
+	var peak maxObserved
 	stop := make(chan struct{})
 	sampled := make(chan int, 1)
 	go func() {
@@ -993,16 +784,16 @@ func TestStreamWriteUnderMaxBufferedQueuesPieces(t *testing.T) {
 	}
 	wrote := make(chan result, 1)
 	go func() {
-		n, err := st.Write(flMakePattern(0, total))
+		n, err := st.Write(makePatternAt(0, total))
 		wrote <- result{n, err}
 	}()
 
-	peer.SetReadDeadline(time.Now().Add(flDeadline))
+	peer.SetReadDeadline(time.Now().Add(waitTimeout))
 	buf := make([]byte, 8<<10)
 	got, mismatch := 0, -1
 	for got < total {
 		n, err := peer.Read(buf)
-		if mismatch < 0 && !flMatches(got, buf[:n]) {
+		if mismatch < 0 && !isPatternAt(got, buf[:n]) {
 			mismatch = got
 		}
 		got += n
@@ -1011,9 +802,9 @@ func TestStreamWriteUnderMaxBufferedQueuesPieces(t *testing.T) {
 		}
 		time.Sleep(100 * time.Microsecond) // a slow peer
 	}
-	r := flRecv(t, wrote, "Stream.Write to return")
+	r := waitFor(t, wrote, "Stream.Write to return")
 	close(stop)
-	samples := flRecv(t, sampled, "the sampler")
+	samples := waitFor(t, sampled, "the sampler")
 	if r.err != nil || r.n != total {
 		t.Errorf("Stream.Write: %d, %v; want %d, nil", r.n, r.err, total)
 	}
@@ -1031,7 +822,7 @@ func TestStreamWriteUnderMaxBufferedQueuesPieces(t *testing.T) {
 	if rest := flReadToEOF(t, peer, "the peer after Close"); len(rest) != 0 {
 		t.Errorf("the peer got %d bytes more than were written", len(rest))
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestCloseWriteFlushesThenShutsWriteSide: CloseWrite lets the queued
@@ -1039,11 +830,11 @@ func TestStreamWriteUnderMaxBufferedQueuesPieces(t *testing.T) {
 // what the peer sends; writes after it return ErrSocketClosed.
 func TestCloseWriteFlushesThenShutsWriteSide(t *testing.T) {
 	const total = 1 << 20
-	l := flLoop(t)
-	rec := flNewRecorder()
+	l := newTestLoop(t)
+	rec := newEventRecorder()
 	reads := make(chan []byte, 16)
 	s, peer := flPair(t, l, func(_ *asynctcp.Socket, data []byte) { reads <- data }, rec.cb)
-	if err := s.WriteData(flMakePattern(0, total)); err != nil {
+	if err := s.WriteData(makePatternAt(0, total)); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
 	if err := s.CloseWrite(); err != nil {
@@ -1052,20 +843,20 @@ func TestCloseWriteFlushesThenShutsWriteSide(t *testing.T) {
 	if s.Closed() {
 		t.Error("Closed() true after CloseWrite: the read side should stay open")
 	}
-	flClosedErr(t, s.WriteData([]byte("late")), s, "WriteData after CloseWrite")
+	wantSocketClosed(t, s.WriteData([]byte("late")), s, "WriteData after CloseWrite")
 	if _, err := s.Write([]byte("late")); err == nil {
 		t.Error("Write after CloseWrite succeeded")
 	} else {
-		flClosedErr(t, err, s, "Write after CloseWrite")
+		wantSocketClosed(t, err, s, "Write after CloseWrite")
 	}
 	if _, err := s.WriteString("late"); err == nil {
 		t.Error("WriteString after CloseWrite succeeded")
 	} else {
-		flClosedErr(t, err, s, "WriteString after CloseWrite")
+		wantSocketClosed(t, err, s, "WriteString after CloseWrite")
 	}
 
 	got := flReadToEOF(t, peer, "the peer")
-	if len(got) != total || !flMatches(0, got) {
+	if len(got) != total || !isPatternAt(0, got) {
 		t.Fatalf("the peer got %d bytes before EOF, want the %d queued", len(got), total)
 	}
 	msg := []byte("the socket still reads")
@@ -1074,14 +865,14 @@ func TestCloseWriteFlushesThenShutsWriteSide(t *testing.T) {
 	}
 	var in []byte
 	for len(in) < len(msg) {
-		in = append(in, flRecv(t, reads, "the read-cb after CloseWrite")...)
+		in = append(in, waitFor(t, reads, "the read-cb after CloseWrite")...)
 	}
 	if !bytes.Equal(in, msg) {
 		t.Errorf("read-cb got %q, want %q", in, msg)
 	}
 	peer.Close()
-	flEvent(t, flRecv(t, rec.ch, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer closed")
-	flWait(t, l)
+	wantClass(t, waitFor(t, rec.ch, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer closed")
+	waitLoopNil(t, l, waitTimeout)
 	if !s.Closed() {
 		t.Error("socket not closed after its EOF")
 	}
@@ -1091,17 +882,17 @@ func TestCloseWriteFlushesThenShutsWriteSide(t *testing.T) {
 // CloseWrite returns an ErrTCPError event wrapping errors.ErrUnsupported,
 // and the socket goes on working.
 func TestCloseWriteOnPipeIsUnsupported(t *testing.T) {
-	l := flLoop(t)
+	l := newTestLoop(t)
 	c1, c2 := net.Pipe()
 	defer c2.Close()
-	rec := flNewRecorder()
+	rec := newEventRecorder()
 	s, err := l.Wrap(c1, nil, rec.cb)
 	if err != nil {
 		c1.Close()
 		t.Fatalf("Wrap(net.Pipe end): %v", err)
 	}
 	err = s.CloseWrite()
-	ev := flEvent(t, err, asynctcp.ErrTCPError, "CloseWrite on net.Pipe")
+	ev := wantClass(t, err, asynctcp.ErrTCPError, "CloseWrite on net.Pipe")
 	if !errors.Is(err, errors.ErrUnsupported) {
 		t.Errorf("CloseWrite on net.Pipe: %v does not wrap errors.ErrUnsupported", err)
 	}
@@ -1115,7 +906,7 @@ func TestCloseWriteOnPipeIsUnsupported(t *testing.T) {
 	if err := s.WriteData(msg); err != nil {
 		t.Fatalf("WriteData after the refused CloseWrite: %v", err)
 	}
-	c2.SetReadDeadline(time.Now().Add(flDeadline))
+	c2.SetReadDeadline(time.Now().Add(waitTimeout))
 	buf := make([]byte, len(msg))
 	if _, err := io.ReadFull(c2, buf); err != nil || !bytes.Equal(buf, msg) {
 		t.Fatalf("pipe peer read %q, %v; want %q", buf, err, msg)
@@ -1124,7 +915,7 @@ func TestCloseWriteOnPipeIsUnsupported(t *testing.T) {
 	if rest := flReadToEOF(t, c2, "the pipe peer after Close"); len(rest) != 0 {
 		t.Errorf("the pipe peer got %d unexpected bytes", len(rest))
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := rec.n.Load(); n != 0 {
 		t.Errorf("the event-cb got %d events (first %v), want none", n, <-rec.ch)
 	}
@@ -1141,8 +932,8 @@ func flAccepted(t *testing.T, l *asynctcp.Loop, read asynctcp.ReadFunc, event as
 	up := make(chan *asynctcp.Socket, 1)
 	opts = append(opts, asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s }))
 	srv, port := listenLocal(t, l, read, event, opts...)
-	peer := flDial(t, port)
-	s := flRecv(t, up, "the accepted socket's connect-cb")
+	peer := dialRaw(t, port)
+	s := waitFor(t, up, "the accepted socket's connect-cb")
 	srv.Close()
 	return s, peer
 }
@@ -1162,7 +953,7 @@ func TestAllowHalfOpenWritesAfterPeerEOF(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := flLoop(t)
+			l := newTestLoop(t)
 			var (
 				mu       sync.Mutex
 				got      []byte
@@ -1187,18 +978,18 @@ func TestAllowHalfOpenWritesAfterPeerEOF(t *testing.T) {
 			}
 			s, peer := tc.side(t, l, read, event, asynctcp.AllowHalfOpen(),
 				asynctcp.OnWrite(func(*asynctcp.Socket) { written <- struct{}{} }))
-			if _, err := peer.Write(flMakePattern(0, total)); err != nil {
+			if _, err := peer.Write(makePatternAt(0, total)); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
 			if err := peer.CloseWrite(); err != nil {
 				t.Fatalf("peer CloseWrite: %v", err)
 			}
-			flEvent(t, flRecv(t, events, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer's CloseWrite")
+			wantClass(t, waitFor(t, events, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer's CloseWrite")
 			if n := <-gotAtEOF; n != total {
 				t.Errorf("the EOF event came after %d bytes, want all %d", n, total)
 			}
 			mu.Lock()
-			n, ok := len(got), flMatches(0, got)
+			n, ok := len(got), isPatternAt(0, got)
 			mu.Unlock()
 			if n != total || !ok {
 				t.Errorf("the read-cb got %d bytes (pattern: %v), want the peer's %d", n, ok, total)
@@ -1209,7 +1000,7 @@ func TestAllowHalfOpenWritesAfterPeerEOF(t *testing.T) {
 				t.Fatalf("WriteData after the peer's EOF: %v", err)
 			}
 			// The write-cb runs after the EOF event's handling is over.
-			flRecv(t, written, "the write-cb of the reply")
+			waitFor(t, written, "the write-cb of the reply")
 			if s.Closed() {
 				t.Fatal("socket closed after the peer's EOF despite AllowHalfOpen")
 			}
@@ -1219,7 +1010,7 @@ func TestAllowHalfOpenWritesAfterPeerEOF(t *testing.T) {
 			if in := flReadToEOF(t, peer, "the peer"); !bytes.Equal(in, reply) {
 				t.Errorf("the peer got %q before EOF, want %q", in, reply)
 			}
-			flWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Error("Closed() false once both directions were shut")
 			}
@@ -1242,12 +1033,12 @@ func TestAllowHalfOpenStreamReadsEOFThenWrites(t *testing.T) {
 		open func(t *testing.T, l *asynctcp.Loop, event asynctcp.EventFunc) (*asynctcp.Stream, *net.TCPConn)
 	}{
 		{"ConnectStream", func(t *testing.T, l *asynctcp.Loop, event asynctcp.EventFunc) (*asynctcp.Stream, *net.TCPConn) {
-			ln, port := flRawListen(t)
+			ln, port := listenRaw(t)
 			st, err := l.ConnectStream("127.0.0.1", port, nil, event, asynctcp.AllowHalfOpen())
 			if err != nil {
 				t.Fatalf("ConnectStream: %v", err)
 			}
-			return st, flAccept(t, ln)
+			return st, acceptRawKeepBuf(t, ln)
 		}},
 		{"ListenStream", func(t *testing.T, l *asynctcp.Loop, event asynctcp.EventFunc) (*asynctcp.Stream, *net.TCPConn) {
 			up := make(chan *asynctcp.Stream, 1)
@@ -1257,30 +1048,30 @@ func TestAllowHalfOpenStreamReadsEOFThenWrites(t *testing.T) {
 				t.Fatalf("ListenStream: %v", err)
 			}
 			defer srv.Close()
-			peer := flDial(t, portOf(t, srv.Addr()))
-			return flRecv(t, up, "the accepted stream"), peer
+			peer := dialRaw(t, portOf(t, srv.Addr()))
+			return waitFor(t, up, "the accepted stream"), peer
 		}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := flLoop(t)
-			rec := flNewRecorder()
+			l := newTestLoop(t)
+			rec := newEventRecorder()
 			st, peer := tc.open(t, l, rec.cb)
-			if _, err := peer.Write(flMakePattern(0, total)); err != nil {
+			if _, err := peer.Write(makePatternAt(0, total)); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
 			if err := peer.CloseWrite(); err != nil {
 				t.Fatalf("peer CloseWrite: %v", err)
 			}
-			st.SetReadDeadline(time.Now().Add(flDeadline))
+			st.SetReadDeadline(time.Now().Add(waitTimeout))
 			in, err := io.ReadAll(st) // nil error: ReadAll stopped at io.EOF
 			if err != nil {
 				t.Fatalf("Stream.Read after %d bytes: %v, want io.EOF at the end", len(in), err)
 			}
-			if len(in) != total || !flMatches(0, in) {
+			if len(in) != total || !isPatternAt(0, in) {
 				t.Errorf("Stream.Read gave %d bytes, not the peer's %d", len(in), total)
 			}
-			flEvent(t, flRecv(t, rec.ch, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer's CloseWrite")
+			wantClass(t, waitFor(t, rec.ch, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer's CloseWrite")
 
 			reply := []byte("stream reply after EOF")
 			if n, err := st.Write(reply); err != nil || n != len(reply) {
@@ -1298,7 +1089,7 @@ func TestAllowHalfOpenStreamReadsEOFThenWrites(t *testing.T) {
 			if got := flReadToEOF(t, peer, "the peer"); !bytes.Equal(got, reply) {
 				t.Errorf("the peer got %q before EOF, want %q", got, reply)
 			}
-			flWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 			if !st.Socket().Closed() {
 				t.Error("Closed() false once both directions were shut")
 			}
@@ -1314,12 +1105,12 @@ func TestAllowHalfOpenStreamReadsEOFThenWrites(t *testing.T) {
 // (rule 6), but what the socket had queued still reaches the peer.
 func TestPeerCloseWriteWithoutHalfOpenClosesAfterFlush(t *testing.T) {
 	const total = 1 << 20
-	l := flLoop(t)
-	rec := flNewRecorder()
+	l := newTestLoop(t)
+	rec := newEventRecorder()
 	replied := make(chan error, 1)
 	read := func(s *asynctcp.Socket, data []byte) {
 		select {
-		case replied <- s.WriteData(flMakePattern(0, total)):
+		case replied <- s.WriteData(makePatternAt(0, total)):
 		default:
 		}
 	}
@@ -1327,20 +1118,20 @@ func TestPeerCloseWriteWithoutHalfOpenClosesAfterFlush(t *testing.T) {
 	if _, err := peer.Write([]byte("request")); err != nil {
 		t.Fatalf("peer write: %v", err)
 	}
-	if err := flRecv(t, replied, "the read-cb's reply"); err != nil {
+	if err := waitFor(t, replied, "the read-cb's reply"); err != nil {
 		t.Fatalf("WriteData in the read-cb: %v", err)
 	}
 	if err := peer.CloseWrite(); err != nil {
 		t.Fatalf("peer CloseWrite: %v", err)
 	}
-	flEvent(t, flRecv(t, rec.ch, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer's CloseWrite")
-	flEventually(t, "Closed() after the EOF event", s.Closed)
-	flClosedErr(t, s.WriteData([]byte("late")), s, "WriteData after the EOF closed the socket")
+	wantClass(t, waitFor(t, rec.ch, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer's CloseWrite")
+	eventually(t, "Closed() after the EOF event", s.Closed)
+	wantSocketClosed(t, s.WriteData([]byte("late")), s, "WriteData after the EOF closed the socket")
 	got := flReadToEOF(t, peer, "the peer")
-	if len(got) != total || !flMatches(0, got) {
+	if len(got) != total || !isPatternAt(0, got) {
 		t.Errorf("the peer got %d bytes before EOF, want the %d queued", len(got), total)
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestNotifyReadTimeoutDisablesReading: with NotifyTimeouts a read timeout
@@ -1349,13 +1140,13 @@ func TestPeerCloseWriteWithoutHalfOpenClosesAfterFlush(t *testing.T) {
 // re-arms the timeout.
 func TestNotifyReadTimeoutDisablesReading(t *testing.T) {
 	const d = 200 * time.Millisecond
-	l := flLoop(t)
-	rec := flNewRecorder()
+	l := newTestLoop(t)
+	rec := newEventRecorder()
 	reads := make(chan []byte, 16)
 	s, peer := flPair(t, l, func(_ *asynctcp.Socket, data []byte) { reads <- data }, rec.cb,
 		asynctcp.ReadTimeout(d), asynctcp.NotifyTimeouts())
 
-	ev := flEvent(t, flRecv(t, rec.ch, "the read timeout event"), asynctcp.ErrTCPTimeout, "read timeout")
+	ev := wantClass(t, waitFor(t, rec.ch, "the read timeout event"), asynctcp.ErrTCPTimeout, "read timeout")
 	if ev.Dir != asynctcp.EvRead || ev.Code != -1 || ev.Socket != s {
 		t.Errorf("read timeout event Dir %v Code %d Socket %p, want EvRead, -1, %p", ev.Dir, ev.Code, ev.Socket, s)
 	}
@@ -1366,20 +1157,20 @@ func TestNotifyReadTimeoutDisablesReading(t *testing.T) {
 	if _, err := peer.Write(msg); err != nil {
 		t.Fatalf("peer write: %v", err)
 	}
-	beNone(t, reads, 4*d, "read-cb while reading is disabled after the timeout")
-	beNone(t, rec.ch, 0, "a second event while reading is disabled")
+	expectNone(t, reads, 4*d, "read-cb while reading is disabled after the timeout")
+	expectNone(t, rec.ch, 0, "a second event while reading is disabled")
 
 	if err := s.Enable(asynctcp.EvRead); err != nil {
 		t.Fatalf("Enable(EvRead): %v", err)
 	}
 	var in []byte
 	for len(in) < len(msg) {
-		in = append(in, flRecv(t, reads, "the read-cb after Enable")...)
+		in = append(in, waitFor(t, reads, "the read-cb after Enable")...)
 	}
 	if !bytes.Equal(in, msg) {
 		t.Errorf("read-cb got %q, want %q", in, msg)
 	}
-	ev = flEvent(t, flRecv(t, rec.ch, "the second read timeout, after Enable"), asynctcp.ErrTCPTimeout, "second read timeout")
+	ev = wantClass(t, waitFor(t, rec.ch, "the second read timeout, after Enable"), asynctcp.ErrTCPTimeout, "second read timeout")
 	if ev.Dir != asynctcp.EvRead {
 		t.Errorf("second timeout Dir %v, want EvRead", ev.Dir)
 	}
@@ -1387,7 +1178,7 @@ func TestNotifyReadTimeoutDisablesReading(t *testing.T) {
 		t.Fatal("socket closed by the second notifying timeout")
 	}
 	s.Close()
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := rec.n.Load(); n != 2 {
 		t.Errorf("the event-cb got %d events, want the 2 timeouts", n)
 	}
@@ -1398,7 +1189,7 @@ func TestNotifyReadTimeoutDisablesReading(t *testing.T) {
 // coming and the timeout fires again.
 func TestNotifyReadTimeoutEnableInEventCbHolds(t *testing.T) {
 	const d = 150 * time.Millisecond
-	l := flLoop(t)
+	l := newTestLoop(t)
 	events := make(chan error, 16)
 	enableErr := make(chan error, 1)
 	var first atomic.Bool
@@ -1415,11 +1206,11 @@ func TestNotifyReadTimeoutEnableInEventCbHolds(t *testing.T) {
 		func(_ *asynctcp.Socket, data []byte) { reads <- data }, event,
 		asynctcp.ReadTimeout(d), asynctcp.NotifyTimeouts())
 
-	ev := flEvent(t, flRecv(t, events, "the first read timeout"), asynctcp.ErrTCPTimeout, "first read timeout")
+	ev := wantClass(t, waitFor(t, events, "the first read timeout"), asynctcp.ErrTCPTimeout, "first read timeout")
 	if ev.Dir != asynctcp.EvRead {
 		t.Errorf("first timeout Dir %v, want EvRead", ev.Dir)
 	}
-	if err := flRecv(t, enableErr, "Enable in the event-cb"); err != nil {
+	if err := waitFor(t, enableErr, "Enable in the event-cb"); err != nil {
 		t.Fatalf("Enable(EvRead) in the event-cb: %v", err)
 	}
 	msg := []byte("after the timeout")
@@ -1428,12 +1219,12 @@ func TestNotifyReadTimeoutEnableInEventCbHolds(t *testing.T) {
 	}
 	var in []byte
 	for len(in) < len(msg) {
-		in = append(in, flRecv(t, reads, "the read-cb, reading enabled by the event-cb")...)
+		in = append(in, waitFor(t, reads, "the read-cb, reading enabled by the event-cb")...)
 	}
 	if !bytes.Equal(in, msg) {
 		t.Errorf("read-cb got %q, want %q", in, msg)
 	}
-	ev = flEvent(t, flRecv(t, events, "the second read timeout"), asynctcp.ErrTCPTimeout, "second read timeout")
+	ev = wantClass(t, waitFor(t, events, "the second read timeout"), asynctcp.ErrTCPTimeout, "second read timeout")
 	if ev.Dir != asynctcp.EvRead {
 		t.Errorf("second timeout Dir %v, want EvRead", ev.Dir)
 	}
@@ -1441,7 +1232,7 @@ func TestNotifyReadTimeoutEnableInEventCbHolds(t *testing.T) {
 		t.Fatal("socket closed by a notifying timeout")
 	}
 	s.Close()
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestNotifyWriteTimeoutKeepsOutput: with NotifyTimeouts a write timeout
@@ -1453,7 +1244,7 @@ func TestNotifyWriteTimeoutKeepsOutput(t *testing.T) {
 		d     = 300 * time.Millisecond
 		total = 8 << 20
 	)
-	l := flLoop(t)
+	l := newTestLoop(t)
 	type note struct {
 		ev       error
 		buffered int
@@ -1463,11 +1254,11 @@ func TestNotifyWriteTimeoutKeepsOutput(t *testing.T) {
 	event := func(ev error) { notes <- note{ev, sock.Load().Buffered()} }
 	s, peer := flPairSmall(t, l, func(s *asynctcp.Socket) { sock.Store(s) }, nil, event,
 		asynctcp.WriteTimeout(d), asynctcp.NotifyTimeouts())
-	if err := s.WriteData(flMakePattern(0, total)); err != nil {
+	if err := s.WriteData(makePatternAt(0, total)); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
-	n := flRecv(t, notes, "the write timeout event")
-	ev := flEvent(t, n.ev, asynctcp.ErrTCPTimeout, "write timeout")
+	n := waitFor(t, notes, "the write timeout event")
+	ev := wantClass(t, n.ev, asynctcp.ErrTCPTimeout, "write timeout")
 	if ev.Dir != asynctcp.EvWrite || ev.Code != -1 || ev.Socket != s {
 		t.Errorf("write timeout event Dir %v Code %d Socket %p, want EvWrite, -1, %p", ev.Dir, ev.Code, ev.Socket, s)
 	}
@@ -1494,7 +1285,7 @@ func TestNotifyWriteTimeoutKeepsOutput(t *testing.T) {
 	if rest := flReadToEOF(t, peer, "the peer after Close"); len(rest) != 0 {
 		t.Errorf("the peer got %d bytes more than were written", len(rest))
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	select {
 	case n := <-notes:
 		t.Errorf("a second event: %v", n.ev)
@@ -1511,8 +1302,8 @@ func flIsTimeout(err error) bool {
 // TestNotifyTimeoutsConnectTimeoutStillEnds: a connect that runs out of
 // the read timeout ends the socket even with NotifyTimeouts.
 func TestNotifyTimeoutsConnectTimeoutStillEnds(t *testing.T) {
-	l := flLoop(t)
-	rec := flNewRecorder()
+	l := newTestLoop(t)
+	rec := newEventRecorder()
 	hang := &net.Dialer{Resolver: &net.Resolver{
 		PreferGo: true,
 		Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
@@ -1525,11 +1316,11 @@ func TestNotifyTimeoutsConnectTimeoutStillEnds(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	ev := flEvent(t, flRecv(t, rec.ch, "the connect timeout"), asynctcp.ErrTCPTimeout, "connect timeout")
+	ev := wantClass(t, waitFor(t, rec.ch, "the connect timeout"), asynctcp.ErrTCPTimeout, "connect timeout")
 	if ev.Dir != 0 {
 		t.Errorf("connect timeout Dir %v, want 0 (no direction)", ev.Dir)
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if !s.Closed() {
 		t.Error("socket open after its connect timed out")
 	}
@@ -1543,45 +1334,45 @@ func TestNotifyTimeoutsConnectTimeoutStillEnds(t *testing.T) {
 // seen while reading Dir EvRead (both ErrTCPEOF with Code set, rule 5).
 func TestEventDirNamesFailingDirection(t *testing.T) {
 	t.Run("write", func(t *testing.T) {
-		l := flLoop(t)
-		rec := flNewRecorder()
+		l := newTestLoop(t)
+		rec := newEventRecorder()
 		// Reading is disabled before the reader's first read, so that only
 		// the writer can see the reset.
 		s, peer := flPairSmall(t, l, func(s *asynctcp.Socket) { s.Disable(asynctcp.EvRead) }, nil, rec.cb)
-		if err := s.WriteData(flMakePattern(0, 8<<20)); err != nil {
+		if err := s.WriteData(makePatternAt(0, 8<<20)); err != nil {
 			t.Fatalf("WriteData: %v", err)
 		}
 		flReadPattern(t, peer, 0, 1, "the first byte")
 		peer.SetLinger(0)
 		peer.Close() // a reset
-		ev := flEvent(t, flRecv(t, rec.ch, "the write error event"), asynctcp.ErrTCPEOF, "reset while writing")
+		ev := wantClass(t, waitFor(t, rec.ch, "the write error event"), asynctcp.ErrTCPEOF, "reset while writing")
 		if ev.Dir != asynctcp.EvWrite {
 			t.Errorf("event Dir %v, want EvWrite (%v)", ev.Dir, ev)
 		}
 		if !errors.Is(ev, syscall.ECONNRESET) && !errors.Is(ev, syscall.EPIPE) || ev.Code == -1 {
 			t.Errorf("event %v (Code %d), want ECONNRESET or EPIPE with Code set", ev, ev.Code)
 		}
-		flWait(t, l)
+		waitLoopNil(t, l, waitTimeout)
 	})
 	t.Run("read", func(t *testing.T) {
-		l := flLoop(t)
-		rec := flNewRecorder()
+		l := newTestLoop(t)
+		rec := newEventRecorder()
 		reads := make(chan []byte, 4)
 		_, peer := flPair(t, l, func(_ *asynctcp.Socket, data []byte) { reads <- data }, rec.cb)
 		if _, err := peer.Write([]byte("x")); err != nil {
 			t.Fatalf("peer write: %v", err)
 		}
-		flRecv(t, reads, "the read-cb")
+		waitFor(t, reads, "the read-cb")
 		peer.SetLinger(0)
 		peer.Close() // a reset
-		ev := flEvent(t, flRecv(t, rec.ch, "the read error event"), asynctcp.ErrTCPEOF, "reset while reading")
+		ev := wantClass(t, waitFor(t, rec.ch, "the read error event"), asynctcp.ErrTCPEOF, "reset while reading")
 		if ev.Dir != asynctcp.EvRead {
 			t.Errorf("event Dir %v, want EvRead (%v)", ev.Dir, ev)
 		}
 		if !errors.Is(ev, syscall.ECONNRESET) || ev.Code == -1 {
 			t.Errorf("event %v (Code %d), want ECONNRESET with Code set", ev, ev.Code)
 		}
-		flWait(t, l)
+		waitLoopNil(t, l, waitTimeout)
 	})
 }
 
@@ -1629,7 +1420,7 @@ func flCheckRate(t *testing.T, what string, samples []flSample, rate, burst int)
 // flFlood writes to c until it fails: a peer that always has data ready.
 func flFlood(t *testing.T, c net.Conn) {
 	t.Helper()
-	flGo(t, "flooding peer", func() {
+	goOwned(t, "flooding peer", func() {
 		buf := make([]byte, 64<<10)
 		for {
 			if _, err := c.Write(buf); err != nil {
@@ -1644,12 +1435,12 @@ func flFlood(t *testing.T, c net.Conn) {
 func flDrain(t *testing.T, c net.Conn, count *atomic.Int64) (mismatch func() bool) {
 	t.Helper()
 	var bad atomic.Bool
-	flGo(t, "draining peer", func() {
+	goOwned(t, "draining peer", func() {
 		buf := make([]byte, 64<<10)
 		off := 0
 		for {
 			n, err := c.Read(buf)
-			if !flMatches(off, buf[:n]) {
+			if !isPatternAt(off, buf[:n]) {
 				bad.Store(true)
 			}
 			off += n
@@ -1670,7 +1461,7 @@ func TestReadRateCapsThroughput(t *testing.T) {
 		rate  = 256 << 10
 		burst = 32 << 10
 	)
-	l := flLoop(t)
+	l := newTestLoop(t)
 	var n atomic.Int64
 	s, peer := flPair(t, l, func(_ *asynctcp.Socket, data []byte) { n.Add(int64(len(data))) }, nil,
 		asynctcp.ReadRate(rate, burst))
@@ -1680,7 +1471,7 @@ func TestReadRateCapsThroughput(t *testing.T) {
 		t.Errorf("ReadRate: average %.0f B/s, want at least half of %d", avg, rate)
 	}
 	s.Close()
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestWriteRateCapsThroughput: a socket with WriteRate(r, burst) and much
@@ -1692,11 +1483,11 @@ func TestWriteRateCapsThroughput(t *testing.T) {
 		burst  = 32 << 10
 		queued = 2 << 20
 	)
-	l := flLoop(t)
+	l := newTestLoop(t)
 	s, peer := flPair(t, l, nil, nil, asynctcp.WriteRate(rate, burst))
 	var received atomic.Int64
 	bad := flDrain(t, peer, &received)
-	if err := s.WriteData(flMakePattern(0, queued)); err != nil {
+	if err := s.WriteData(makePatternAt(0, queued)); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
 	written := func() int64 { return int64(queued - s.Buffered()) }
@@ -1714,7 +1505,7 @@ func TestWriteRateCapsThroughput(t *testing.T) {
 		t.Errorf("all %d bytes went out within 2s at %d B/s", queued, rate)
 	}
 	s.Abort()
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestRateGroupSharesBudget: four saturated sockets of one RateGroup read
@@ -1726,7 +1517,7 @@ func TestRateGroupSharesBudget(t *testing.T) {
 		burst   = 64 << 10
 		members = 4
 	)
-	l := flLoop(t)
+	l := newTestLoop(t)
 	g := asynctcp.NewRateGroup(rate, 0, burst)
 	counts := make([]atomic.Int64, members)
 	var next atomic.Int32
@@ -1741,8 +1532,8 @@ func TestRateGroupSharesBudget(t *testing.T) {
 		}))
 	socks := make([]*asynctcp.Socket, 0, members)
 	for range members {
-		flFlood(t, flDial(t, port))
-		socks = append(socks, flRecv(t, up, "an accepted member"))
+		flFlood(t, dialRaw(t, port))
+		socks = append(socks, waitFor(t, up, "an accepted member"))
 	}
 	srv.Close()
 	total := func() int64 {
@@ -1781,7 +1572,7 @@ func TestRateGroupSharesBudget(t *testing.T) {
 	for _, s := range socks {
 		s.Close()
 	}
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestRateWaitIsNotInactivity: a socket waiting for tokens longer than
@@ -1794,37 +1585,37 @@ func TestRateWaitIsNotInactivity(t *testing.T) {
 		watch   = 1500 * time.Millisecond
 	)
 	t.Run("read", func(t *testing.T) {
-		l := flLoop(t)
-		rec := flNewRecorder()
+		l := newTestLoop(t)
+		rec := newEventRecorder()
 		var n atomic.Int64
 		s, peer := flPair(t, l, func(_ *asynctcp.Socket, data []byte) { n.Add(int64(len(data))) }, rec.cb,
 			asynctcp.ReadRate(rate, burst), asynctcp.ReadTimeout(timeout))
 		flFlood(t, peer)
-		beNone(t, rec.ch, watch, "event while throttled below the read timeout")
+		expectNone(t, rec.ch, watch, "event while throttled below the read timeout")
 		if got := n.Load(); got < 2*burst {
 			t.Errorf("read %d bytes in %v at %d B/s, want at least %d", got, watch, rate, 2*burst)
 		}
 		s.Close()
-		flWait(t, l)
+		waitLoopNil(t, l, waitTimeout)
 		if k := rec.n.Load(); k != 0 {
 			t.Errorf("the event-cb got %d events, want none", k)
 		}
 	})
 	t.Run("write", func(t *testing.T) {
-		l := flLoop(t)
-		rec := flNewRecorder()
+		l := newTestLoop(t)
+		rec := newEventRecorder()
 		s, peer := flPair(t, l, nil, rec.cb, asynctcp.WriteRate(rate, burst), asynctcp.WriteTimeout(timeout))
 		var received atomic.Int64
 		flDrain(t, peer, &received)
-		if err := s.WriteData(flMakePattern(0, 256<<10)); err != nil {
+		if err := s.WriteData(makePatternAt(0, 256<<10)); err != nil {
 			t.Fatalf("WriteData: %v", err)
 		}
-		beNone(t, rec.ch, watch, "event while throttled below the write timeout")
+		expectNone(t, rec.ch, watch, "event while throttled below the write timeout")
 		if got := received.Load(); got < 2*burst {
 			t.Errorf("the peer got %d bytes in %v at %d B/s, want at least %d", got, watch, rate, 2*burst)
 		}
 		s.Abort()
-		flWait(t, l)
+		waitLoopNil(t, l, waitTimeout)
 		if k := rec.n.Load(); k != 0 {
 			t.Errorf("the event-cb got %d events, want none", k)
 		}
@@ -1845,7 +1636,7 @@ func flCPU(t *testing.T) time.Duration {
 // both directions, with data to read and to write all along, sleeps while
 // it waits for tokens: the process uses well under a core meanwhile.
 func TestThrottledSocketDoesNotSpin(t *testing.T) {
-	l := flLoop(t)
+	l := newTestLoop(t)
 	reads := make(chan struct{}, 1)
 	s, peer := flPair(t, l, func(*asynctcp.Socket, []byte) {
 		select {
@@ -1856,11 +1647,11 @@ func TestThrottledSocketDoesNotSpin(t *testing.T) {
 	var received atomic.Int64
 	flDrain(t, peer, &received)
 	flFlood(t, peer)
-	if err := s.WriteData(flMakePattern(0, 256<<10)); err != nil {
+	if err := s.WriteData(makePatternAt(0, 256<<10)); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
-	flRecv(t, reads, "the first throttled read")
-	flEventually(t, "the first throttled write", func() bool { return received.Load() > 0 })
+	waitFor(t, reads, "the first throttled read")
+	eventually(t, "the first throttled write", func() bool { return received.Load() > 0 })
 
 	wall0, cpu0 := time.Now(), flCPU(t)
 	time.Sleep(time.Second) // the measurement window
@@ -1871,5 +1662,5 @@ func TestThrottledSocketDoesNotSpin(t *testing.T) {
 		t.Errorf("process used %v CPU in %v while the socket waited for tokens (%.0f%% of a core), want under 30%%", cpu, wall, 100*share)
 	}
 	s.Abort()
-	flWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
