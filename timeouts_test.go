@@ -1,15 +1,12 @@
 package asynctcp_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"io"
 	"net"
 	"os"
-	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -21,77 +18,14 @@ import (
 // and write timeouts, Enable and Disable, graceful close) on real loopback
 // connections. Timing bounds are generous: the machine is shared and noisy.
 
-// beDeadline bounds every wait of this file on a callback or a peer.
-const beDeadline = 10 * time.Second
-
 // beSlack is what an upper bound on a timer allows beyond the timer.
 const beSlack = 3 * time.Second
 
-// beLoop returns a fresh loop. Should the test fail before it has waited
-// for the loop, a cleanup exits the loop so that no goroutine outlives it.
-func beLoop(t *testing.T) *asynctcp.Loop {
-	t.Helper()
-	l := &asynctcp.Loop{}
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		l.Exit(errors.New("test failed"))
-		done := make(chan error, 1)
-		go func() { done <- l.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(beDeadline):
-			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
-		}
-	})
-	return l
-}
-
-// beWait waits for l.Wait to return, failing the test after d.
-func beWait(t *testing.T, l *asynctcp.Loop, d time.Duration) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- l.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("Loop.Wait: %v", err)
-		}
-	case <-time.After(d):
-		t.Fatalf("Loop.Wait did not return within %v (stats %+v)", d, l.Stats())
-	}
-}
-
-// beRecv receives from ch, failing the test after d.
-func beRecv[T any](t *testing.T, ch <-chan T, d time.Duration, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(d):
-		t.Fatalf("timed out after %v waiting for %s", d, what)
-	}
-	var zero T
-	return zero
-}
-
-// beNone fails the test if ch delivers anything within d: the bounded wait
-// of a test that expects nothing to happen.
-func beNone[T any](t *testing.T, ch <-chan T, d time.Duration, what string) {
-	t.Helper()
-	select {
-	case v := <-ch:
-		t.Fatalf("%s: got %v, want nothing within %v", what, v, d)
-	case <-time.After(d):
-	}
-}
-
 // beStable samples f every 300ms until two samples in a row are equal and
-// returns that value, failing the test after beDeadline.
+// returns that value, failing the test after waitTimeout.
 func beStable(t *testing.T, what string, f func() int) int {
 	t.Helper()
-	deadline := time.Now().Add(beDeadline)
+	deadline := time.Now().Add(waitTimeout)
 	prev := f()
 	for {
 		time.Sleep(300 * time.Millisecond)
@@ -100,46 +34,9 @@ func beStable(t *testing.T, what string, f func() int) int {
 			return cur
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s still changing after %v (last %d)", what, beDeadline, cur)
+			t.Fatalf("%s still changing after %v (last %d)", what, waitTimeout, cur)
 		}
 		prev = cur
-	}
-}
-
-// beGo runs f in a goroutine that the test owns: when the test ends, the
-// closers are closed (which unblocks f) and the goroutine is waited for.
-func beGo(t *testing.T, what string, f func(), closers ...io.Closer) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	t.Cleanup(func() {
-		for _, c := range closers {
-			c.Close()
-		}
-		select {
-		case <-done:
-		case <-time.After(beDeadline):
-			t.Errorf("cleanup: %s goroutine did not end", what)
-		}
-	})
-}
-
-// beRecorder is an event-cb that counts its events and forwards them.
-type beRecorder struct {
-	n  atomic.Int32
-	ch chan error
-}
-
-func beNewRecorder() *beRecorder { return &beRecorder{ch: make(chan error, 16)} }
-
-func (r *beRecorder) cb(ev error) {
-	r.n.Add(1)
-	select {
-	case r.ch <- ev:
-	default:
 	}
 }
 
@@ -147,13 +44,7 @@ func (r *beRecorder) cb(ev error) {
 // Code -1.
 func beWantTimeout(t *testing.T, err error, what string) *asynctcp.Event {
 	t.Helper()
-	var ev *asynctcp.Event
-	if !errors.As(err, &ev) {
-		t.Fatalf("%s: event %T (%v), want an *asynctcp.Event", what, err, err)
-	}
-	if ev.Class != asynctcp.ErrTCPTimeout || !errors.Is(err, asynctcp.ErrTCPTimeout) {
-		t.Fatalf("%s: event class %v (%v), want ErrTCPTimeout", what, ev.Class, ev)
-	}
+	ev := wantClass(t, err, asynctcp.ErrTCPTimeout, what)
 	if ev.Code != -1 {
 		t.Errorf("%s: timeout event Code %d, want -1", what, ev.Code)
 	}
@@ -166,29 +57,6 @@ func beWithin(t *testing.T, elapsed, d, slack time.Duration, what string) {
 	if elapsed < d*8/10 || elapsed >= d+slack {
 		t.Errorf("%s after %v, want between %v and %v", what, elapsed, d*8/10, d+slack)
 	}
-}
-
-// beAccept accepts one connection on a raw listener, with a deadline.
-func beAccept(t *testing.T, ln net.Listener) *net.TCPConn {
-	t.Helper()
-	ln.(*net.TCPListener).SetDeadline(time.Now().Add(beDeadline))
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatalf("raw peer accept: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c.(*net.TCPConn)
-}
-
-// beDial connects a plain net.Conn peer to the loopback port.
-func beDial(t *testing.T, port int) *net.TCPConn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), beDeadline)
-	if err != nil {
-		t.Fatalf("raw peer dial: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c.(*net.TCPConn)
 }
 
 // beDeaf makes c a peer that never reads: a small fixed receive buffer, so
@@ -204,63 +72,11 @@ func beConnected(ch chan<- *asynctcp.Socket) asynctcp.Option {
 // reset), discarding what it reads.
 func bePeerClosed(t *testing.T, c net.Conn) {
 	t.Helper()
-	c.SetReadDeadline(time.Now().Add(beDeadline))
+	c.SetReadDeadline(time.Now().Add(waitTimeout))
 	_, err := io.Copy(io.Discard, c)
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		t.Fatalf("the raw peer's connection is still open after %v", beDeadline)
-	}
-}
-
-// The byte pattern of this file: byte i of a stream is byte(i % bePeriod),
-// so that a lost, repeated or reordered chunk shows.
-const bePeriod = 251
-
-var beTable = sync.OnceValue(func() []byte {
-	b := make([]byte, 1<<20+bePeriod)
-	for i := range b {
-		b[i] = byte(i % bePeriod)
-	}
-	return b
-})
-
-// bePattern returns bytes off to off+n of the pattern (n <= 1 MiB), shared:
-// the caller must not modify them.
-func bePattern(off, n int) []byte {
-	o := off % bePeriod
-	return beTable()[o : o+n : o+n]
-}
-
-// beMakePattern returns the first n bytes of the pattern, freshly made.
-func beMakePattern(n int) []byte {
-	b := make([]byte, n)
-	for off := 0; off < n; off += 1 << 20 {
-		copy(b[off:], bePattern(off, min(1<<20, n-off)))
-	}
-	return b
-}
-
-// beMatches reports whether p is the pattern from offset off.
-func beMatches(off int, p []byte) bool {
-	for len(p) > 0 {
-		n := min(len(p), 1<<20)
-		if !bytes.Equal(p[:n], bePattern(off, n)) {
-			return false
-		}
-		off, p = off+n, p[n:]
-	}
-	return true
-}
-
-// beMax keeps the largest value observed, from any goroutine.
-type beMax struct{ v atomic.Int64 }
-
-func (m *beMax) observe(x int) {
-	for {
-		cur := m.v.Load()
-		if int64(x) <= cur || m.v.CompareAndSwap(cur, int64(x)) {
-			return
-		}
+		t.Fatalf("the raw peer's connection is still open after %v", waitTimeout)
 	}
 }
 
@@ -275,28 +91,28 @@ func TestReadTimeoutAbortsIdleSocket(t *testing.T) {
 		// timeout of d, with events going to rec. It returns when the
 		// timeout's clock started at the latest, the raw peer, and what
 		// to do once the socket is gone.
-		start func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func())
+		start func(t *testing.T, l *asynctcp.Loop, rec *eventRecorder) (time.Time, net.Conn, func())
 	}{
-		{"ReadTimeout on Connect", func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func()) {
+		{"ReadTimeout on Connect", func(t *testing.T, l *asynctcp.Loop, rec *eventRecorder) (time.Time, net.Conn, func()) {
 			ln, port := listenRaw(t)
 			begin := time.Now()
 			connectLocal(t, l, port, nil, rec.cb, asynctcp.ReadTimeout(d))
-			return begin, beAccept(t, ln), func() {}
+			return begin, acceptRawKeepBuf(t, ln), func() {}
 		}},
-		{"ReadTimeout on Listen", func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func()) {
+		{"ReadTimeout on Listen", func(t *testing.T, l *asynctcp.Loop, rec *eventRecorder) (time.Time, net.Conn, func()) {
 			srv, port := listenLocal(t, l, nil, rec.cb, asynctcp.ReadTimeout(d))
 			begin := time.Now()
-			c := beDial(t, port)
+			c := dialRaw(t, port)
 			// The server stays open until closed; close it once its
 			// accepted socket is gone.
 			return begin, c, func() { srv.Close() }
 		}},
-		{"SetTimeouts on a waiting read", func(t *testing.T, l *asynctcp.Loop, rec *beRecorder) (time.Time, net.Conn, func()) {
+		{"SetTimeouts on a waiting read", func(t *testing.T, l *asynctcp.Loop, rec *eventRecorder) (time.Time, net.Conn, func()) {
 			ln, port := listenRaw(t)
 			conn := make(chan *asynctcp.Socket, 1)
 			connectLocal(t, l, port, nil, rec.cb, beConnected(conn))
-			c := beAccept(t, ln)
-			s := beRecv(t, conn, beDeadline, "connect-cb")
+			c := acceptRawKeepBuf(t, ln)
+			s := waitFor(t, conn, "connect-cb")
 			begin := time.Now()
 			if err := s.SetTimeouts(d, 0); err != nil {
 				t.Fatalf("SetTimeouts(%v, 0): %v", d, err)
@@ -306,17 +122,17 @@ func TestReadTimeoutAbortsIdleSocket(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := beLoop(t)
-			rec := beNewRecorder()
+			l := newTestLoop(t)
+			rec := newEventRecorder()
 			begin, peer, after := tc.start(t, l, rec)
-			ev := beWantTimeout(t, beRecv(t, rec.ch, d+beDeadline, "the read timeout event"), "read timeout")
+			ev := beWantTimeout(t, waitForWithin(t, rec.ch, d+waitTimeout, "the read timeout event"), "read timeout")
 			beWithin(t, time.Since(begin), d, beSlack, "read timeout fired")
 			if ev.Socket == nil {
 				t.Fatal("timeout event has no Socket")
 			}
 			bePeerClosed(t, peer)
 			after()
-			beWait(t, l, beDeadline)
+			waitLoopNil(t, l, waitTimeout)
 			// The socket is aborted once its event-cb has returned.
 			if !ev.Socket.Closed() {
 				t.Error("socket not Closed() after its timeout event")
@@ -337,19 +153,19 @@ func TestReadTimeoutRestartsOnEachArrival(t *testing.T) {
 		every = d / 4
 		sends = 12 // 3d
 	)
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
 	var got atomic.Int32
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	var atEvent atomic.Int32
 	connectLocal(t, l, port,
 		func(s *asynctcp.Socket, data []byte) { got.Add(int32(len(data))) },
 		func(ev error) { atEvent.Store(got.Load()); rec.cb(ev) },
 		asynctcp.ReadTimeout(d))
-	peer := beAccept(t, ln)
+	peer := acceptRawKeepBuf(t, ln)
 
 	lastSend := make(chan time.Time, 1)
-	beGo(t, "peer sender", func() {
+	goOwned(t, "peer sender", func() {
 		for i := 0; i < sends; i++ {
 			time.Sleep(every)
 			if _, err := peer.Write([]byte{byte(i)}); err != nil {
@@ -359,15 +175,15 @@ func TestReadTimeoutRestartsOnEachArrival(t *testing.T) {
 		lastSend <- time.Now()
 	}, peer)
 
-	ev := beRecv(t, rec.ch, sends*every+d+beDeadline, "the read timeout event")
-	last := beRecv(t, lastSend, beDeadline, "the peer's last send")
+	ev := waitForWithin(t, rec.ch, sends*every+d+waitTimeout, "the read timeout event")
+	last := waitFor(t, lastSend, "the peer's last send")
 	beWantTimeout(t, ev, "read timeout after the peer went quiet")
 	if n := atEvent.Load(); n != sends {
 		t.Errorf("the read timeout fired after %d of the peer's %d bytes, want after all of them", n, sends)
 	}
 	beWithin(t, time.Since(last), d, beSlack, "read timeout fired after the last byte")
 	bePeerClosed(t, peer)
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestSetTimeoutsZeroClears: SetTimeouts(0, 0) clears both timeouts, from
@@ -379,9 +195,9 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 			d    = 150 * time.Millisecond
 			size = 16 << 20
 		)
-		l := beLoop(t)
+		l := newTestLoop(t)
 		ln, port := listenRaw(t)
-		rec := beNewRecorder()
+		rec := newEventRecorder()
 		setErr := make(chan error, 1)
 		reads := make(chan []byte, 16)
 		drained := make(chan struct{}, 1)
@@ -391,7 +207,7 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 			asynctcp.ReadTimeout(d), asynctcp.WriteTimeout(d),
 			asynctcp.OnConnect(func(s *asynctcp.Socket) {
 				setErr <- s.SetTimeouts(0, 0)
-				s.WriteData(beMakePattern(size))
+				s.WriteData(makePatternAt(0, size))
 			}),
 			asynctcp.OnWrite(func(*asynctcp.Socket) {
 				select {
@@ -399,35 +215,35 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 				default:
 				}
 			}))
-		peer := beAccept(t, ln)
+		peer := acceptRawKeepBuf(t, ln)
 		beDeaf(peer)
-		if err := beRecv(t, setErr, beDeadline, "SetTimeouts in the connect-cb"); err != nil {
+		if err := waitFor(t, setErr, "SetTimeouts in the connect-cb"); err != nil {
 			t.Fatalf("SetTimeouts(0, 0): %v", err)
 		}
-		beNone(t, rec.ch, 3*d, "event after SetTimeouts(0, 0), with no input and output stuck")
+		expectNone(t, rec.ch, 3*d, "event after SetTimeouts(0, 0), with no input and output stuck")
 		if b := s.Buffered(); b == 0 {
 			t.Fatalf("Buffered() = 0: the output was never stuck, the write timeout was not exercised")
 		}
 
 		// The socket is alive: the peer gets every byte, and it reads.
-		peer.SetReadDeadline(time.Now().Add(beDeadline))
+		peer.SetReadDeadline(time.Now().Add(waitTimeout))
 		buf := make([]byte, size)
 		if _, err := io.ReadFull(peer, buf); err != nil {
 			t.Fatalf("peer reading the %d bytes: %v", size, err)
 		}
-		if !beMatches(0, buf) {
+		if !isPatternAt(0, buf) {
 			t.Error("the peer got other bytes than were written")
 		}
-		beRecv(t, drained, beDeadline, "write-cb after the output drained")
+		waitFor(t, drained, "write-cb after the output drained")
 		peer.Write([]byte("x"))
-		if got := beRecv(t, reads, beDeadline, "read-cb"); string(got) != "x" {
+		if got := waitFor(t, reads, "read-cb"); string(got) != "x" {
 			t.Errorf("read-cb got %q, want %q", got, "x")
 		}
 		if err := s.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
 		bePeerClosed(t, peer)
-		beWait(t, l, beDeadline)
+		waitLoopNil(t, l, waitTimeout)
 		if n := rec.n.Load(); n != 0 {
 			t.Errorf("%d events, want none", n)
 		}
@@ -435,27 +251,27 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 
 	t.Run("under a waiting read", func(t *testing.T) {
 		const d = 300 * time.Millisecond
-		l := beLoop(t)
+		l := newTestLoop(t)
 		ln, port := listenRaw(t)
-		rec := beNewRecorder()
+		rec := newEventRecorder()
 		conn := make(chan *asynctcp.Socket, 1)
 		reads := make(chan []byte, 16)
 		connectLocal(t, l, port,
 			func(s *asynctcp.Socket, data []byte) { reads <- data },
 			rec.cb, asynctcp.ReadTimeout(d), beConnected(conn))
-		peer := beAccept(t, ln)
-		s := beRecv(t, conn, beDeadline, "connect-cb")
+		peer := acceptRawKeepBuf(t, ln)
+		s := waitFor(t, conn, "connect-cb")
 		if err := s.SetTimeouts(0, 0); err != nil {
 			t.Fatalf("SetTimeouts(0, 0): %v", err)
 		}
-		beNone(t, rec.ch, 3*d, "event after SetTimeouts(0, 0)")
+		expectNone(t, rec.ch, 3*d, "event after SetTimeouts(0, 0)")
 		peer.Write([]byte("x"))
-		if got := beRecv(t, reads, beDeadline, "read-cb"); string(got) != "x" {
+		if got := waitFor(t, reads, "read-cb"); string(got) != "x" {
 			t.Errorf("read-cb got %q, want %q", got, "x")
 		}
 		s.Close()
 		bePeerClosed(t, peer)
-		beWait(t, l, beDeadline)
+		waitLoopNil(t, l, waitTimeout)
 		if n := rec.n.Load(); n != 0 {
 			t.Errorf("%d events, want none", n)
 		}
@@ -466,7 +282,7 @@ func TestSetTimeoutsZeroClears(t *testing.T) {
 // error of the call that gets it, naming the option; SetTimeouts with a
 // negative value is an error and changes nothing.
 func TestNegativeTimeoutIsError(t *testing.T) {
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
 
 	if s, err := l.Connect("127.0.0.1", port, nil, nil, asynctcp.ReadTimeout(-time.Second)); err == nil {
@@ -495,10 +311,10 @@ func TestNegativeTimeoutIsError(t *testing.T) {
 	}
 
 	// The raw listener never accepts: the kernel completes the connect.
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
 	connectLocal(t, l, port, nil, rec.cb, beConnected(conn))
-	s := beRecv(t, conn, beDeadline, "connect-cb")
+	s := waitFor(t, conn, "connect-cb")
 	for _, rw := range [][2]time.Duration{{-1, 0}, {0, -1}, {-time.Second, -time.Second}, {time.Second, -1}} {
 		if err := s.SetTimeouts(rw[0], rw[1]); err == nil {
 			t.Errorf("SetTimeouts(%v, %v): no error", rw[0], rw[1])
@@ -508,12 +324,12 @@ func TestNegativeTimeoutIsError(t *testing.T) {
 		t.Fatal("socket closed by a refused SetTimeouts")
 	}
 	// Nothing was set: the socket stays idle without an event.
-	beNone(t, rec.ch, 500*time.Millisecond, "event after refused SetTimeouts")
+	expectNone(t, rec.ch, 500*time.Millisecond, "event after refused SetTimeouts")
 	if err := s.Close(); err != nil {
 		t.Errorf("Close: %v", err)
 	}
 	ln.Close()
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestReadTimeoutOnlyWhileReadingEnabled: with reading disabled the read
@@ -534,9 +350,9 @@ func TestReadTimeoutOnlyWhileReadingEnabled(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			d := tc.d
-			l := beLoop(t)
+			l := newTestLoop(t)
 			ln, port := listenRaw(t)
-			rec := beNewRecorder()
+			rec := newEventRecorder()
 			conn := make(chan *asynctcp.Socket, 1)
 			opts := []asynctcp.Option{beConnected(conn)}
 			if tc.inConnectCb {
@@ -548,8 +364,8 @@ func TestReadTimeoutOnlyWhileReadingEnabled(t *testing.T) {
 				})}
 			}
 			connectLocal(t, l, port, nil, rec.cb, opts...)
-			peer := beAccept(t, ln)
-			s := beRecv(t, conn, beDeadline, "connect-cb")
+			peer := acceptRawKeepBuf(t, ln)
+			s := waitFor(t, conn, "connect-cb")
 			if !tc.inConnectCb {
 				if err := s.SetTimeouts(d, 0); err != nil {
 					t.Fatalf("SetTimeouts(%v, 0): %v", d, err)
@@ -558,19 +374,19 @@ func TestReadTimeoutOnlyWhileReadingEnabled(t *testing.T) {
 					t.Fatalf("Disable(EvRead): %v", err)
 				}
 			}
-			beNone(t, rec.ch, 3*d, "event while reading is disabled")
+			expectNone(t, rec.ch, 3*d, "event while reading is disabled")
 
 			begin := time.Now()
 			if err := s.Enable(asynctcp.EvRead); err != nil {
 				t.Fatalf("Enable(EvRead): %v", err)
 			}
-			ev := beWantTimeout(t, beRecv(t, rec.ch, d+beDeadline, "the read timeout after Enable(EvRead)"), "read timeout after Enable")
+			ev := beWantTimeout(t, waitForWithin(t, rec.ch, d+waitTimeout, "the read timeout after Enable(EvRead)"), "read timeout after Enable")
 			beWithin(t, time.Since(begin), d, beSlack, "read timeout fired after Enable(EvRead)")
 			if ev.Socket != s {
 				t.Errorf("event Socket %p, want %p", ev.Socket, s)
 			}
 			bePeerClosed(t, peer)
-			beWait(t, l, beDeadline)
+			waitLoopNil(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Error("socket not Closed() after its timeout event")
 			}
@@ -595,14 +411,14 @@ func TestWriteTimeoutWhenPeerNeverReads(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := beLoop(t)
-			rec := beNewRecorder()
+			l := newTestLoop(t)
+			rec := newEventRecorder()
 			wrote := make(chan time.Time, 1)
 			opts := []asynctcp.Option{
 				asynctcp.WriteTimeout(d),
 				asynctcp.OnConnect(func(s *asynctcp.Socket) {
 					wrote <- time.Now()
-					if err := s.WriteData(beMakePattern(size)); err != nil {
+					if err := s.WriteData(makePatternAt(0, size)); err != nil {
 						t.Errorf("WriteData: %v", err)
 					}
 				}),
@@ -612,15 +428,15 @@ func TestWriteTimeoutWhenPeerNeverReads(t *testing.T) {
 			if tc.listen {
 				var port int
 				srv, port = listenLocal(t, l, nil, rec.cb, opts...)
-				peer = beDial(t, port)
+				peer = dialRaw(t, port)
 			} else {
 				ln, port := listenRaw(t)
 				connectLocal(t, l, port, nil, rec.cb, opts...)
-				peer = beAccept(t, ln)
+				peer = acceptRawKeepBuf(t, ln)
 			}
 			beDeaf(peer)
-			begin := beRecv(t, wrote, beDeadline, "connect-cb")
-			ev := beWantTimeout(t, beRecv(t, rec.ch, d+beDeadline, "the write timeout event"), "write timeout")
+			begin := waitFor(t, wrote, "connect-cb")
+			ev := beWantTimeout(t, waitForWithin(t, rec.ch, d+waitTimeout, "the write timeout event"), "write timeout")
 			// The kernel buffers fill first, then the clock runs for d.
 			beWithin(t, time.Since(begin), d, 2*beSlack, "write timeout fired")
 			if ev.Socket == nil {
@@ -630,7 +446,7 @@ func TestWriteTimeoutWhenPeerNeverReads(t *testing.T) {
 			if srv != nil {
 				srv.Close()
 			}
-			beWait(t, l, beDeadline)
+			waitLoopNil(t, l, waitTimeout)
 			if !ev.Socket.Closed() {
 				t.Error("socket not Closed() after its timeout event")
 			}
@@ -646,33 +462,33 @@ func TestWriteTimeoutWhenPeerNeverReads(t *testing.T) {
 // drained, gets no event.
 func TestNoWriteTimeoutWithoutQueuedOutput(t *testing.T) {
 	const d = 150 * time.Millisecond
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
 	drained := make(chan struct{}, 4)
 	connectLocal(t, l, port, nil, rec.cb, asynctcp.WriteTimeout(d), beConnected(conn),
 		asynctcp.OnWrite(func(*asynctcp.Socket) { drained <- struct{}{} }))
-	peer := beAccept(t, ln)
-	s := beRecv(t, conn, beDeadline, "connect-cb")
-	beNone(t, rec.ch, 3*d, "event on an idle socket with a write timeout")
+	peer := acceptRawKeepBuf(t, ln)
+	s := waitFor(t, conn, "connect-cb")
+	expectNone(t, rec.ch, 3*d, "event on an idle socket with a write timeout")
 
 	if err := s.WriteData([]byte("ping")); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
-	peer.SetReadDeadline(time.Now().Add(beDeadline))
+	peer.SetReadDeadline(time.Now().Add(waitTimeout))
 	buf := make([]byte, 4)
 	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "ping" {
 		t.Fatalf("peer read %q, %v; want \"ping\"", buf, err)
 	}
-	beRecv(t, drained, beDeadline, "write-cb")
-	beNone(t, rec.ch, 3*d, "event on a drained idle socket with a write timeout")
+	waitFor(t, drained, "write-cb")
+	expectNone(t, rec.ch, 3*d, "event on a drained idle socket with a write timeout")
 
 	if err := s.Close(); err != nil {
 		t.Errorf("Close: %v", err)
 	}
 	bePeerClosed(t, peer)
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 	if n := rec.n.Load(); n != 0 {
 		t.Errorf("%d events, want none", n)
 	}
@@ -705,8 +521,8 @@ func TestConnectBoundedByTimeout(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := beLoop(t)
-			rec := beNewRecorder()
+			l := newTestLoop(t)
+			rec := newEventRecorder()
 			var calls atomic.Int32
 			connected := make(chan *asynctcp.Socket, 1)
 			begin := time.Now()
@@ -715,7 +531,7 @@ func TestConnectBoundedByTimeout(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}
-			ev := beRecv(t, rec.ch, d+beDeadline, "the connect timeout event")
+			ev := waitForWithin(t, rec.ch, d+waitTimeout, "the connect timeout event")
 			elapsed := time.Since(begin)
 			if calls.Load() == 0 {
 				t.Errorf("the resolver was never asked: the connect did not hang in DNS (event %v)", ev)
@@ -730,7 +546,7 @@ func TestConnectBoundedByTimeout(t *testing.T) {
 				t.Error("connect-cb ran for a connect that timed out")
 			default:
 			}
-			beWait(t, l, beDeadline)
+			waitLoopNil(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Error("socket not Closed() after its connect timeout event")
 			}
@@ -750,9 +566,9 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 		total = 32 << 20
 		chunk = 64 << 10
 	)
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	var (
 		enabled      atomic.Bool // set before Enable(EvRead)
 		earlyReads   atomic.Int32
@@ -765,7 +581,7 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 		if !enabled.Load() {
 			earlyReads.Add(1)
 		}
-		if mismatchAt < 0 && !beMatches(received, data) {
+		if mismatchAt < 0 && !isPatternAt(received, data) {
 			mismatchAt = received
 		}
 		received += len(data)
@@ -776,16 +592,16 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 	s := connectLocal(t, l, port, read, rec.cb, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		disableError <- s.Disable(asynctcp.EvRead)
 	}))
-	peer := beAccept(t, ln)
-	if err := beRecv(t, disableError, beDeadline, "Disable(EvRead) in the connect-cb"); err != nil {
+	peer := acceptRawKeepBuf(t, ln)
+	if err := waitFor(t, disableError, "Disable(EvRead) in the connect-cb"); err != nil {
 		t.Fatalf("Disable(EvRead): %v", err)
 	}
 
 	var written atomic.Int64
 	peerDone := make(chan error, 1)
-	beGo(t, "flooding peer", func() {
+	goOwned(t, "flooding peer", func() {
 		for off := 0; off < total; off += chunk {
-			n, err := peer.Write(bePattern(off, min(chunk, total-off)))
+			n, err := peer.Write(patternAt(off, min(chunk, total-off)))
 			written.Add(int64(n))
 			if err != nil {
 				peerDone <- err
@@ -814,15 +630,15 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 	if err := s.Enable(asynctcp.EvRead); err != nil {
 		t.Fatalf("Enable(EvRead): %v", err)
 	}
-	if err := beRecv(t, peerDone, beDeadline, "the peer to finish writing"); err != nil {
+	if err := waitFor(t, peerDone, "the peer to finish writing"); err != nil {
 		t.Fatalf("peer: %v", err)
 	}
-	beRecv(t, allReceived, beDeadline, "every byte after Enable(EvRead)")
-	ev := beRecv(t, rec.ch, beDeadline, "the EOF event")
+	waitFor(t, allReceived, "every byte after Enable(EvRead)")
+	ev := waitFor(t, rec.ch, "the EOF event")
 	if !errors.Is(ev, asynctcp.ErrTCPEOF) {
 		t.Errorf("event %v, want ErrTCPEOF", ev)
 	}
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 	if mismatchAt >= 0 {
 		t.Errorf("the bytes from offset %d are not the peer's", mismatchAt)
 	}
@@ -836,9 +652,9 @@ func TestDisableReadAppliesBackPressure(t *testing.T) {
 // disabling twice is harmless, for either direction.
 func TestDisableWriteHoldsOutput(t *testing.T) {
 	const size = 1 << 20
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
 	reads := make(chan []byte, 16)
 	drained := make(chan struct{}, 1)
@@ -851,15 +667,15 @@ func TestDisableWriteHoldsOutput(t *testing.T) {
 			default:
 			}
 		}))
-	peer := beAccept(t, ln)
-	s := beRecv(t, conn, beDeadline, "connect-cb")
+	peer := acceptRawKeepBuf(t, ln)
+	s := waitFor(t, conn, "connect-cb")
 
 	for i := 0; i < 2; i++ {
 		if err := s.Disable(asynctcp.EvWrite); err != nil {
 			t.Fatalf("Disable(EvWrite) #%d: %v", i+1, err)
 		}
 	}
-	if err := s.WriteData(beMakePattern(size)); err != nil {
+	if err := s.WriteData(makePatternAt(0, size)); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
 	peer.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
@@ -881,15 +697,15 @@ func TestDisableWriteHoldsOutput(t *testing.T) {
 			t.Fatalf("Enable(EvWrite) #%d: %v", i+1, err)
 		}
 	}
-	peer.SetReadDeadline(time.Now().Add(beDeadline))
+	peer.SetReadDeadline(time.Now().Add(waitTimeout))
 	buf := make([]byte, size)
 	if _, err := io.ReadFull(peer, buf); err != nil {
 		t.Fatalf("peer reading after Enable(EvWrite): %v", err)
 	}
-	if !beMatches(0, buf) {
+	if !isPatternAt(0, buf) {
 		t.Error("the peer got other bytes than were written")
 	}
-	beRecv(t, drained, beDeadline, "write-cb after Enable(EvWrite)")
+	waitFor(t, drained, "write-cb after Enable(EvWrite)")
 
 	// Reading too survives being disabled and enabled twice.
 	for i := 0; i < 2; i++ {
@@ -903,7 +719,7 @@ func TestDisableWriteHoldsOutput(t *testing.T) {
 		}
 	}
 	peer.Write([]byte("x"))
-	if got := beRecv(t, reads, beDeadline, "read-cb"); string(got) != "x" {
+	if got := waitFor(t, reads, "read-cb"); string(got) != "x" {
 		t.Errorf("read-cb got %q, want %q", got, "x")
 	}
 
@@ -911,7 +727,7 @@ func TestDisableWriteHoldsOutput(t *testing.T) {
 		t.Errorf("Close: %v", err)
 	}
 	bePeerClosed(t, peer)
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 	if n := rec.n.Load(); n != 0 {
 		t.Errorf("%d events, want none", n)
 	}
@@ -938,21 +754,21 @@ func TestDisableWriteSuspendsWriteTimeout(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			d := tc.d
-			l := beLoop(t)
+			l := newTestLoop(t)
 			ln, port := listenRaw(t)
-			rec := beNewRecorder()
+			rec := newEventRecorder()
 			conn := make(chan *asynctcp.Socket, 1)
 			opts := []asynctcp.Option{beConnected(conn)}
 			if !tc.underWrite {
 				opts = append(opts, asynctcp.WriteTimeout(d))
 			}
 			connectLocal(t, l, port, nil, rec.cb, opts...)
-			peer := beAccept(t, ln)
+			peer := acceptRawKeepBuf(t, ln)
 			beDeaf(peer)
-			s := beRecv(t, conn, beDeadline, "connect-cb")
+			s := waitFor(t, conn, "connect-cb")
 
 			if tc.underWrite {
-				if err := s.WriteData(beMakePattern(size)); err != nil {
+				if err := s.WriteData(makePatternAt(0, size)); err != nil {
 					t.Fatalf("WriteData: %v", err)
 				}
 				left := beStable(t, "Buffered()", s.Buffered)
@@ -969,23 +785,23 @@ func TestDisableWriteSuspendsWriteTimeout(t *testing.T) {
 				if err := s.Disable(asynctcp.EvWrite); err != nil {
 					t.Fatalf("Disable(EvWrite): %v", err)
 				}
-				if err := s.WriteData(beMakePattern(size)); err != nil {
+				if err := s.WriteData(makePatternAt(0, size)); err != nil {
 					t.Fatalf("WriteData: %v", err)
 				}
 			}
-			beNone(t, rec.ch, 3*d, "event while writing is disabled")
+			expectNone(t, rec.ch, 3*d, "event while writing is disabled")
 
 			begin := time.Now()
 			if err := s.Enable(asynctcp.EvWrite); err != nil {
 				t.Fatalf("Enable(EvWrite): %v", err)
 			}
-			ev := beWantTimeout(t, beRecv(t, rec.ch, d+beDeadline, "the write timeout after Enable(EvWrite)"), "write timeout after Enable")
+			ev := beWantTimeout(t, waitForWithin(t, rec.ch, d+waitTimeout, "the write timeout after Enable(EvWrite)"), "write timeout after Enable")
 			beWithin(t, time.Since(begin), d, 2*beSlack, "write timeout fired after Enable(EvWrite)")
 			if ev.Socket != s {
 				t.Errorf("event Socket %p, want %p", ev.Socket, s)
 			}
 			bePeerClosed(t, peer)
-			beWait(t, l, beDeadline)
+			waitLoopNil(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Error("socket not Closed() after its timeout event")
 			}
@@ -1000,27 +816,27 @@ func TestCloseHonoursWriteTimeout(t *testing.T) {
 		d    = 300 * time.Millisecond
 		size = 64 << 20
 	)
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	closed := make(chan error, 1)
 	begin := time.Now()
 	s := connectLocal(t, l, port, nil, rec.cb, asynctcp.WriteTimeout(d),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
-			if err := s.WriteData(beMakePattern(size)); err != nil {
+			if err := s.WriteData(makePatternAt(0, size)); err != nil {
 				t.Errorf("WriteData: %v", err)
 			}
 			closed <- s.Close()
 		}))
-	peer := beAccept(t, ln)
+	peer := acceptRawKeepBuf(t, ln)
 	beDeaf(peer)
-	if err := beRecv(t, closed, beDeadline, "Close in the connect-cb"); err != nil {
+	if err := waitFor(t, closed, "Close in the connect-cb"); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	if !s.Closed() {
 		t.Error("Closed() false after Close")
 	}
-	beWait(t, l, 10*time.Second)
+	waitLoopNil(t, l, 10*time.Second)
 	t.Logf("Loop.Wait returned %v after Close with %d MiB queued to a peer that never reads", time.Since(begin).Round(time.Millisecond), size>>20)
 	if n := rec.n.Load(); n != 0 {
 		t.Errorf("%d events after Close, want none (rule 7)", n)
@@ -1032,31 +848,31 @@ func TestCloseHonoursWriteTimeout(t *testing.T) {
 // where writing was disabled (rule 11).
 func TestCloseFlushesWithWriteDisabled(t *testing.T) {
 	const size = 4 << 20
-	l := beLoop(t)
+	l := newTestLoop(t)
 	ln, port := listenRaw(t)
-	rec := beNewRecorder()
+	rec := newEventRecorder()
 	conn := make(chan *asynctcp.Socket, 1)
 	connectLocal(t, l, port, nil, rec.cb, beConnected(conn))
-	peer := beAccept(t, ln)
-	s := beRecv(t, conn, beDeadline, "connect-cb")
+	peer := acceptRawKeepBuf(t, ln)
+	s := waitFor(t, conn, "connect-cb")
 	if err := s.Disable(asynctcp.EvWrite); err != nil {
 		t.Fatalf("Disable(EvWrite): %v", err)
 	}
-	if err := s.WriteData(beMakePattern(size)); err != nil {
+	if err := s.WriteData(makePatternAt(0, size)); err != nil {
 		t.Fatalf("WriteData: %v", err)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	peer.SetReadDeadline(time.Now().Add(beDeadline))
+	peer.SetReadDeadline(time.Now().Add(waitTimeout))
 	got, err := io.ReadAll(peer)
 	if err != nil {
 		t.Fatalf("peer reading to EOF: %v (after %d bytes)", err, len(got))
 	}
-	if len(got) != size || !beMatches(0, got) {
-		t.Errorf("the peer got %d bytes (pattern intact: %v), want the %d queued", len(got), beMatches(0, got), size)
+	if len(got) != size || !isPatternAt(0, got) {
+		t.Errorf("the peer got %d bytes (pattern intact: %v), want the %d queued", len(got), isPatternAt(0, got), size)
 	}
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 	if n := rec.n.Load(); n != 0 {
 		t.Errorf("%d events, want none", n)
 	}
@@ -1080,11 +896,11 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 		slowChunk = 64 << 10
 		sendChunk = 64 << 10
 	)
-	l := beLoop(t)
+	l := newTestLoop(t)
 	backLn, backPort := listenRaw(t)
 
 	var (
-		maxBuf  beMax
+		maxBuf  maxObserved
 		pauses  atomic.Int32
 		errs    = make(chan error, 16)
 		backs   = make(chan *asynctcp.Socket, 1)
@@ -1165,9 +981,9 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 			backs <- back
 		}))
 
-	client := beDial(t, port)
-	back := beRecv(t, backs, beDeadline, "the proxy's backend connection")
-	backend := beAccept(t, backLn)
+	client := dialRaw(t, port)
+	back := waitFor(t, backs, "the proxy's backend connection")
+	backend := acceptRawKeepBuf(t, backLn)
 
 	type backendResult struct {
 		n        int
@@ -1175,12 +991,12 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 		err      error
 	}
 	backDone := make(chan backendResult, 1)
-	beGo(t, "slow backend", func() {
+	goOwned(t, "slow backend", func() {
 		res := backendResult{mismatch: -1}
 		buf := make([]byte, slowChunk)
 		for {
 			n, err := io.ReadFull(backend, buf)
-			if res.mismatch < 0 && !beMatches(res.n, buf[:n]) {
+			if res.mismatch < 0 && !isPatternAt(res.n, buf[:n]) {
 				res.mismatch = res.n
 			}
 			res.n += n
@@ -1198,9 +1014,9 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 	}, backend)
 
 	clientDone := make(chan error, 1)
-	beGo(t, "client", func() {
+	goOwned(t, "client", func() {
 		for off := 0; off < total; off += sendChunk {
-			if _, err := client.Write(bePattern(off, min(sendChunk, total-off))); err != nil {
+			if _, err := client.Write(patternAt(off, min(sendChunk, total-off))); err != nil {
 				clientDone <- err
 				return
 			}
@@ -1215,16 +1031,16 @@ func TestProxyBackPressureBoundsBuffered(t *testing.T) {
 	}, client)
 
 	begin := time.Now()
-	res := beRecv(t, backDone, 120*time.Second, "the backend to receive everything")
+	res := waitForWithin(t, backDone, 120*time.Second, "the backend to receive everything")
 	elapsed := time.Since(begin)
-	if err := beRecv(t, clientDone, beDeadline, "the client to finish"); err != nil {
+	if err := waitFor(t, clientDone, "the client to finish"); err != nil {
 		t.Errorf("client: %v", err)
 	}
-	if ev := beRecv(t, frontEv, beDeadline, "the proxy's client-side EOF event"); !errors.Is(ev, asynctcp.ErrTCPEOF) {
+	if ev := waitFor(t, frontEv, "the proxy's client-side EOF event"); !errors.Is(ev, asynctcp.ErrTCPEOF) {
 		t.Errorf("client-side event %v, want ErrTCPEOF", ev)
 	}
 	srv.Close()
-	beWait(t, l, beDeadline)
+	waitLoopNil(t, l, waitTimeout)
 	if !back.Closed() {
 		t.Error("the backend side is not closed")
 	}
