@@ -21,79 +21,8 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// stTimeout bounds every wait of this file.
+// stTimeout bounds every wait of this file: longer than waitTimeout.
 const stTimeout = 15 * time.Second
-
-var errStTestFailed = errors.New("stream_test: test failed")
-
-// stLoop returns a fresh loop. Should the test fail before it has waited
-// for the loop, a cleanup exits the loop so that its goroutines end.
-func stLoop(t *testing.T) *asynctcp.Loop {
-	t.Helper()
-	l := &asynctcp.Loop{}
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		l.Exit(errStTestFailed)
-		select {
-		case <-goWait(l):
-		case <-time.After(stTimeout):
-			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
-		}
-	})
-	return l
-}
-
-// stWaitLoop waits for l.Wait to return nil, failing the test after
-// stTimeout.
-func stWaitLoop(t *testing.T, l *asynctcp.Loop) {
-	t.Helper()
-	select {
-	case err := <-goWait(l):
-		if err != nil {
-			t.Fatalf("Loop.Wait = %v, want nil", err)
-		}
-	case <-time.After(stTimeout):
-		t.Fatalf("Loop.Wait did not return within %v (stats %+v)", stTimeout, l.Stats())
-	}
-}
-
-// stRecv receives from ch, failing the test after stTimeout.
-func stRecv[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(stTimeout):
-		t.Fatalf("timed out after %v waiting for %s", stTimeout, what)
-	}
-	var zero T
-	return zero
-}
-
-// stNotYet fails the test if ch delivers within d: the call it reports on
-// must still be blocked.
-func stNotYet[T any](t *testing.T, ch <-chan T, d time.Duration, what string) {
-	t.Helper()
-	select {
-	case v := <-ch:
-		t.Fatalf("%s returned (%v) while it should block", what, v)
-	case <-time.After(d):
-	}
-}
-
-// stEventually polls cond until it holds, failing the test after stTimeout.
-func stEventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(stTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", stTimeout, what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
 
 // stStall waits until count stops growing across two samples 300 ms
 // apart (and is not zero), and returns it.
@@ -114,31 +43,10 @@ func stStall(t *testing.T, what string, count func() int64) int64 {
 	}
 }
 
-func stPort(t *testing.T, a net.Addr) int {
-	t.Helper()
-	ta, ok := a.(*net.TCPAddr)
-	if !ok {
-		t.Fatalf("address %v is a %T, want *net.TCPAddr", a, a)
-	}
-	return ta.Port
-}
-
-// stPattern is the byte at offset i of every patterned transfer here.
-func stPattern(i int64) byte { return byte(i % 251) }
-
-// stRef returns the pattern from offset 0 with n bytes to spare past any
-// starting offset below 251: ref[off%251:][:k] is the pattern at off.
-func stRef(n int) []byte {
-	ref := make([]byte, 251+n)
-	for i := range ref {
-		ref[i] = stPattern(int64(i))
-	}
-	return ref
-}
-
-// stCheckPattern checks that p is the pattern from offset off.
+// stCheckPattern checks that p is the patternAt stream from offset off;
+// ref is makePatternAt(0, patternPeriod+n), n at least len(p).
 func stCheckPattern(ref, p []byte, off int64) error {
-	k := int(off % 251)
+	k := int(off % patternPeriod)
 	want := ref[k : k+len(p)]
 	if bytes.Equal(p, want) {
 		return nil
@@ -266,51 +174,6 @@ func stWantTimeout(t *testing.T, err error, what string) {
 	}
 }
 
-func stWantClosed(t *testing.T, err error, sock *asynctcp.Socket, what string) {
-	t.Helper()
-	var ev *asynctcp.Event
-	if !errors.As(err, &ev) || !errors.Is(err, asynctcp.ErrSocketClosed) {
-		t.Fatalf("%s: err = %v (%T), want an *asynctcp.Event of class ErrSocketClosed", what, err, err)
-	}
-	if ev.Socket != sock {
-		t.Errorf("%s: event Socket = %p, want %p", what, ev.Socket, sock)
-	}
-}
-
-// stRawListen listens on loopback with the net package, closed at cleanup.
-func stRawListen(t *testing.T) (*net.TCPListener, int) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	return ln.(*net.TCPListener), stPort(t, ln.Addr())
-}
-
-// stRawAccept accepts one connection, closed at cleanup.
-func stRawAccept(t *testing.T, ln *net.TCPListener) *net.TCPConn {
-	t.Helper()
-	ln.SetDeadline(time.Now().Add(stTimeout))
-	c, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatalf("accept: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-// stRawDial dials port on loopback, closed at cleanup.
-func stRawDial(t *testing.T, port int) *net.TCPConn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), stTimeout)
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c.(*net.TCPConn)
-}
-
 // TestStreamPassesNettestConn runs x/net/nettest's net.Conn conformance
 // suite over a ConnectStream stream and the stream of its accepted socket
 // (SPEC rule 17).
@@ -338,7 +201,7 @@ func TestStreamPassesNettestConn(t *testing.T) {
 				}
 			case <-time.After(stTimeout):
 				t.Errorf("stop: Loop.Wait did not return within %v (stats %+v)", stTimeout, l.Stats())
-				l.Exit(errStTestFailed)
+				l.Exit(errTestFailed)
 				<-goWait(l)
 			}
 		}
@@ -350,7 +213,7 @@ func TestStreamPassesNettestConn(t *testing.T) {
 // ListenStream: each read-cb gets the socket and a stream over its input
 // buffer, and reads what is buffered from it.
 func TestStreamModeCallbacksAreNotifications(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	const ask, answer = "question from the client", "answer from the server"
 	var srvGot, cliGot []byte // owned by the callbacks of one socket each
 	srvDone := make(chan []byte, 1)
@@ -385,7 +248,7 @@ func TestStreamModeCallbacksAreNotifications(t *testing.T) {
 	}
 	var c *asynctcp.Stream
 	cStarted := make(chan struct{})
-	c, err = l.ConnectStream("127.0.0.1", stPort(t, srv.Addr()), func(s *asynctcp.Socket, st *asynctcp.Stream) {
+	c, err = l.ConnectStream("127.0.0.1", portOf(t, srv.Addr()), func(s *asynctcp.Socket, st *asynctcp.Stream) {
 		<-cStarted
 		if st == nil || st.Socket() != s || s != c.Socket() {
 			bad <- "client read-cb: stream is not a view of its socket"
@@ -437,7 +300,7 @@ func TestStreamModeCallbacksAreNotifications(t *testing.T) {
 		t.Fatalf("client Close: %v", err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 	select {
 	case msg := <-bad:
 		t.Fatal(msg)
@@ -449,14 +312,14 @@ func TestStreamModeCallbacksAreNotifications(t *testing.T) {
 // Connect (not in stream mode): it writes through the socket's output
 // buffer, the read-cb still gets the input, and Read sees the end.
 func TestNewStreamOnConnectSocket(t *testing.T) {
-	l := stLoop(t)
-	ln, port := stRawListen(t)
+	l := newTestLoop(t)
+	ln, port := listenRaw(t)
 	got := make(chan []byte, 16)
 	sock, err := l.Connect("127.0.0.1", port, func(s *asynctcp.Socket, data []byte) { got <- data }, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	peer := stRawAccept(t, ln)
+	peer := acceptRawKeepBuf(t, ln)
 	st := asynctcp.NewStream(sock)
 	if st.Socket() != sock {
 		t.Fatal("NewStream(s).Socket() != s")
@@ -477,7 +340,7 @@ func TestNewStreamOnConnectSocket(t *testing.T) {
 	}
 	var in []byte
 	for len(in) < 4 {
-		in = append(in, stRecv(t, got, "the read-cb")...)
+		in = append(in, waitForWithin(t, got, stTimeout, "the read-cb")...)
 	}
 	if string(in) != "pong" {
 		t.Fatalf("read-cb got %q, want \"pong\"", in)
@@ -490,14 +353,14 @@ func TestNewStreamOnConnectSocket(t *testing.T) {
 	}
 	reading := stGoRead(st)
 	peer.Close()
-	r := stRecv(t, reading, "Read to see the end of the stream")
+	r := waitForWithin(t, reading, stTimeout, "Read to see the end of the stream")
 	if len(r.data) != 0 || r.err != io.EOF {
 		t.Fatalf("Read = %q, %v; want nothing, then io.EOF", r.data, r.err)
 	}
 	if err := st.Close(); err != nil {
 		t.Fatalf("Close after the peer's EOF = %v, want nil", err)
 	}
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestDontDrainReadBuffer checks DontDrainReadBuffer on Connect and on
@@ -510,7 +373,7 @@ func TestDontDrainReadBuffer(t *testing.T) {
 		if _, err := peer.Write([]byte(msg)); err != nil {
 			t.Fatal(err)
 		}
-		if data := stRecv(t, calls, "the read-cb"); data != nil {
+		if data := waitForWithin(t, calls, stTimeout, "the read-cb"); data != nil {
 			t.Fatalf("read-cb got data %q, want nil", data)
 		}
 		st := asynctcp.NewStream(sock)
@@ -543,20 +406,20 @@ func TestDontDrainReadBuffer(t *testing.T) {
 		}
 	}
 	t.Run("Connect", func(t *testing.T) {
-		l := stLoop(t)
-		ln, port := stRawListen(t)
+		l := newTestLoop(t)
+		ln, port := listenRaw(t)
 		calls := make(chan []byte, 64)
 		sock, err := l.Connect("127.0.0.1", port, func(s *asynctcp.Socket, data []byte) { calls <- data }, nil,
 			asynctcp.DontDrainReadBuffer())
 		if err != nil {
 			t.Fatal(err)
 		}
-		peer := stRawAccept(t, ln)
+		peer := acceptRawKeepBuf(t, ln)
 		check(t, sock, peer, calls)
-		stWaitLoop(t, l)
+		waitLoopNil(t, l, stTimeout)
 	})
 	t.Run("Listen", func(t *testing.T) {
-		l := stLoop(t)
+		l := newTestLoop(t)
 		calls := make(chan []byte, 64)
 		socks := make(chan *asynctcp.Socket, 1)
 		srv, err := l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) { calls <- data }, nil,
@@ -564,18 +427,18 @@ func TestDontDrainReadBuffer(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		peer := stRawDial(t, stPort(t, srv.Addr()))
-		sock := stRecv(t, socks, "the accepted socket")
+		peer := dialRaw(t, portOf(t, srv.Addr()))
+		sock := waitForWithin(t, socks, stTimeout, "the accepted socket")
 		check(t, sock, peer, calls)
 		srv.Close()
-		stWaitLoop(t, l)
+		waitLoopNil(t, l, stTimeout)
 	})
 }
 
 // TestStreamReadReturnsWhatIsBuffered checks Read (what is buffered;
 // blocks only while nothing is), TryRead, ReadByte, Buffered and ClearInput.
 func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	buf := make([]byte, 100)
 
@@ -588,7 +451,7 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 	if _, err := c.Write([]byte("abc")); err != nil {
 		t.Fatal(err)
 	}
-	stEventually(t, "3 bytes buffered", func() bool { return s.Buffered() == 3 })
+	eventuallyWithin(t, stTimeout, "3 bytes buffered", func() bool { return s.Buffered() == 3 })
 	if n, err := s.Read(buf); n != 3 || err != nil || string(buf[:3]) != "abc" {
 		t.Fatalf("Read = %d %q, %v; want 3 \"abc\", nil", n, buf[:n], err)
 	}
@@ -601,11 +464,11 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 
 	// Nothing buffered: Read blocks until a byte arrives.
 	reading := stGoReadOnce(s, 100)
-	stNotYet(t, reading, 150*time.Millisecond, "Read with nothing buffered")
+	expectNone(t, reading, 150*time.Millisecond, "Read with nothing buffered")
 	if err := c.WriteByte('d'); err != nil {
 		t.Fatal(err)
 	}
-	if r := stRecv(t, reading, "the blocked Read"); string(r.data) != "d" || r.err != nil {
+	if r := waitForWithin(t, reading, stTimeout, "the blocked Read"); string(r.data) != "d" || r.err != nil {
 		t.Fatalf("blocked Read = %q, %v; want \"d\", nil", r.data, r.err)
 	}
 
@@ -613,7 +476,7 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 	if _, err := c.WriteString("efgh"); err != nil {
 		t.Fatal(err)
 	}
-	stEventually(t, "4 bytes buffered", func() bool { return s.Buffered() == 4 })
+	eventuallyWithin(t, stTimeout, "4 bytes buffered", func() bool { return s.Buffered() == 4 })
 	if n, err := s.TryRead(buf[:2]); n != 2 || err != nil || string(buf[:2]) != "ef" {
 		t.Fatalf("TryRead(2) = %d %q, %v; want 2 \"ef\", nil", n, buf[:n], err)
 	}
@@ -637,11 +500,11 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 		b, err := s.ReadByte()
 		rb <- byteResult{b, err}
 	}()
-	stNotYet(t, rb, 100*time.Millisecond, "ReadByte with nothing buffered")
+	expectNone(t, rb, 100*time.Millisecond, "ReadByte with nothing buffered")
 	if err := c.WriteByte('i'); err != nil {
 		t.Fatal(err)
 	}
-	if r := stRecv(t, rb, "the blocked ReadByte"); r.b != 'i' || r.err != nil {
+	if r := waitForWithin(t, rb, stTimeout, "the blocked ReadByte"); r.b != 'i' || r.err != nil {
 		t.Fatalf("ReadByte = %q, %v; want 'i', nil", r.b, r.err)
 	}
 
@@ -649,7 +512,7 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 	if _, err := c.WriteString("dropped"); err != nil {
 		t.Fatal(err)
 	}
-	stEventually(t, "7 bytes buffered", func() bool { return s.Buffered() == 7 })
+	eventuallyWithin(t, stTimeout, "7 bytes buffered", func() bool { return s.Buffered() == 7 })
 	s.ClearInput()
 	if n := s.Buffered(); n != 0 {
 		t.Fatalf("Buffered() after ClearInput = %d, want 0", n)
@@ -668,7 +531,7 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 		t.Fatalf("after ClearInput, read %q, %v; want \"kept\", io.EOF", got, err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamWritesQueue checks that Write, WriteString and WriteByte queue
@@ -676,7 +539,7 @@ func TestStreamReadReturnsWhatIsBuffered(t *testing.T) {
 // is disabled) and return at once, and that ClearOutput drops what is
 // queued.
 func TestStreamWritesQueue(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	if err := c.Socket().Disable(asynctcp.EvWrite); err != nil {
 		t.Fatal(err)
@@ -723,17 +586,17 @@ func TestStreamWritesQueue(t *testing.T) {
 		t.Fatalf("server read %q, %v; want \"abcde\", io.EOF", got, err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamFlushWaitsForOutput checks Flush: it blocks while the peer
 // does not read, a write deadline bounds it (timeout, socket open), and it
 // returns nil once everything was written.
 func TestStreamFlushWaitsForOutput(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	const size = 16 << 20
-	ref := stRef(size)
+	ref := makePatternAt(0, patternPeriod+size)
 	if err := c.Socket().WriteData(ref[:size]); err != nil {
 		t.Fatal(err)
 	}
@@ -762,13 +625,13 @@ func TestStreamFlushWaitsForOutput(t *testing.T) {
 	}()
 	flushed := make(chan error, 1)
 	go func() { flushed <- c.Flush() }()
-	if err := stRecv(t, flushed, "Flush while the peer reads"); err != nil {
+	if err := waitForWithin(t, flushed, stTimeout, "Flush while the peer reads"); err != nil {
 		t.Fatalf("Flush = %v, want nil", err)
 	}
 	if n := c.Socket().Buffered(); n != 0 {
 		t.Fatalf("Buffered() after Flush = %d, want 0", n)
 	}
-	if err := stRecv(t, reading, "the server reading 16 MiB"); err != nil {
+	if err := waitForWithin(t, reading, stTimeout, "the server reading 16 MiB"); err != nil {
 		t.Fatalf("server read: %v", err)
 	}
 	if err := c.Flush(); err != nil {
@@ -777,14 +640,14 @@ func TestStreamFlushWaitsForOutput(t *testing.T) {
 	c.Close()
 	s.Close()
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamFlushReturnsSocketError checks that Flush returns the socket's
 // error where the socket dies with output queued: the peer resets, so the
 // error is the socket's ErrTCPEOF event with Code set (SPEC rule 5).
 func TestStreamFlushReturnsSocketError(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	events := make(chan error, 4)
 	c, s, srv := stPair(t, l, stPairOpts{clientEvent: func(ev error) { events <- ev }})
 	const size = 16 << 20
@@ -793,7 +656,7 @@ func TestStreamFlushReturnsSocketError(t *testing.T) {
 	}
 	flushed := make(chan error, 1)
 	go func() { flushed <- c.Flush() }()
-	stNotYet(t, flushed, 200*time.Millisecond, "Flush while the peer does not read")
+	expectNone(t, flushed, 200*time.Millisecond, "Flush while the peer does not read")
 	if c.Socket().Buffered() == 0 {
 		t.Fatal("all output was written while the peer did not read")
 	}
@@ -807,8 +670,8 @@ func TestStreamFlushReturnsSocketError(t *testing.T) {
 	if err := s.Socket().Abort(); err != nil { // RST
 		t.Fatal(err)
 	}
-	err := stRecv(t, flushed, "Flush after the peer reset")
-	ev := stRecv(t, events, "the client's event after the reset")
+	err := waitForWithin(t, flushed, stTimeout, "Flush after the peer reset")
+	ev := waitForWithin(t, events, stTimeout, "the client's event after the reset")
 	var e *asynctcp.Event
 	if !errors.As(ev, &e) || !errors.Is(ev, asynctcp.ErrTCPEOF) || e.Code == -1 {
 		t.Errorf("client event after the peer's reset = %v (%T), want an ErrTCPEOF *Event with Code set", ev, ev)
@@ -822,9 +685,9 @@ func TestStreamFlushReturnsSocketError(t *testing.T) {
 		t.Fatalf("Flush after the peer's reset = %v (%T), want the socket's ErrTCPEOF *Event with Code set", err, err)
 	}
 	t.Logf("Flush after reset: %v (class %v, code %d)", err, fe.Class, fe.Code)
-	stEventually(t, "the client socket to close after the reset", c.Socket().Closed)
+	eventuallyWithin(t, stTimeout, "the client socket to close after the reset", c.Socket().Closed)
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamReadAtEOF checks that after the peer's EOF a stream returns
@@ -832,7 +695,7 @@ func TestStreamFlushReturnsSocketError(t *testing.T) {
 // socket; that Stream.Close then returns nil; and that on a socket the
 // application closed, Close and Read return an ErrSocketClosed event.
 func TestStreamReadAtEOF(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	events := make(chan error, 4)
 	c, s, srv := stPair(t, l, stPairOpts{serverEvent: func(ev error) { events <- ev }})
 	if _, err := c.WriteString("the tail"); err != nil {
@@ -841,11 +704,11 @@ func TestStreamReadAtEOF(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	ev := stRecv(t, events, "the server's EOF event")
+	ev := waitForWithin(t, events, stTimeout, "the server's EOF event")
 	if !errors.Is(ev, asynctcp.ErrTCPEOF) {
 		t.Fatalf("server event = %v, want ErrTCPEOF", ev)
 	}
-	stEventually(t, "asynctcp to close the server socket after its EOF", s.Socket().Closed)
+	eventuallyWithin(t, stTimeout, "asynctcp to close the server socket after its EOF", s.Socket().Closed)
 	if n := s.Buffered(); n != len("the tail") {
 		t.Fatalf("Buffered() after EOF = %d, want %d", n, len("the tail"))
 	}
@@ -874,44 +737,44 @@ func TestStreamReadAtEOF(t *testing.T) {
 	}
 
 	// The client: closed by the application.
-	stWantClosed(t, c.Close(), c.Socket(), "Stream.Close after the application closed the socket")
+	wantSocketClosed(t, c.Close(), c.Socket(), "Stream.Close after the application closed the socket")
 	n, err := c.Read(buf)
 	if n != 0 {
 		t.Fatalf("Read on an application-closed stream = %d bytes", n)
 	}
-	stWantClosed(t, err, c.Socket(), "Read after the application closed the socket")
+	wantSocketClosed(t, err, c.Socket(), "Read after the application closed the socket")
 	_, err = c.Write([]byte("x"))
-	stWantClosed(t, err, c.Socket(), "Write after the application closed the socket")
+	wantSocketClosed(t, err, c.Socket(), "Write after the application closed the socket")
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamReadAfterResetGivesEvent checks that after a reset by the peer
 // a stream returns the rest of the input, then the socket's ErrTCPEOF
 // event with Code set.
 func TestStreamReadAfterResetGivesEvent(t *testing.T) {
-	l := stLoop(t)
-	ln, port := stRawListen(t)
+	l := newTestLoop(t)
+	ln, port := listenRaw(t)
 	events := make(chan error, 4)
 	c, err := l.ConnectStream("127.0.0.1", port, nil, func(ev error) { events <- ev })
 	if err != nil {
 		t.Fatal(err)
 	}
-	peer := stRawAccept(t, ln)
+	peer := acceptRawKeepBuf(t, ln)
 	if _, err := peer.Write([]byte("the rest")); err != nil {
 		t.Fatal(err)
 	}
-	stEventually(t, "8 bytes buffered", func() bool { return c.Buffered() == 8 })
+	eventuallyWithin(t, stTimeout, "8 bytes buffered", func() bool { return c.Buffered() == 8 })
 	if err := peer.SetLinger(0); err != nil {
 		t.Fatal(err)
 	}
 	peer.Close() // RST
-	ev := stRecv(t, events, "the client's event after the reset")
+	ev := waitForWithin(t, events, stTimeout, "the client's event after the reset")
 	var e *asynctcp.Event
 	if !errors.As(ev, &e) || !errors.Is(ev, asynctcp.ErrTCPEOF) || e.Code == -1 {
 		t.Fatalf("event after reset = %v (%T), want an ErrTCPEOF *Event with Code set", ev, ev)
 	}
-	stEventually(t, "asynctcp to close the socket after the reset", c.Socket().Closed)
+	eventuallyWithin(t, stTimeout, "asynctcp to close the socket after the reset", c.Socket().Closed)
 	got, err := stReadAll(c)
 	if string(got) != "the rest" {
 		t.Fatalf("read after reset: %q, want \"the rest\"", got)
@@ -932,26 +795,26 @@ func TestStreamReadAfterResetGivesEvent(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Fatalf("Stream.Close after asynctcp closed the socket on a reset = %v, want nil", err)
 	}
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamCloseAfterApplicationClose checks that Stream.Close returns an
 // ErrSocketClosed event where the application closed the socket already.
 func TestStreamCloseAfterApplicationClose(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	if err := s.Socket().Abort(); err != nil {
 		t.Fatal(err)
 	}
-	stWantClosed(t, s.Close(), s.Socket(), "Stream.Close after Socket.Abort")
+	wantSocketClosed(t, s.Close(), s.Socket(), "Stream.Close after Socket.Abort")
 	// The client may see the abort first and close itself: either way the
 	// first Stream.Close returns nil and the second an ErrSocketClosed.
 	if err := c.Close(); err != nil {
 		t.Fatalf("first Close = %v, want nil", err)
 	}
-	stWantClosed(t, c.Close(), c.Socket(), "second Stream.Close")
+	wantSocketClosed(t, c.Close(), c.Socket(), "second Stream.Close")
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamWriteBlocksOverOneMiB checks that Stream.Write blocks only
@@ -959,7 +822,7 @@ func TestStreamCloseAfterApplicationClose(t *testing.T) {
 // Write with a timeout and leaves the socket usable, and that every byte
 // written arrives once the peer reads.
 func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	const chunk = 64 << 10
 	var chunks atomic.Int64
@@ -972,9 +835,7 @@ func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
 		p := make([]byte, chunk)
 		var off int64
 		for {
-			for i := range p {
-				p[i] = stPattern(off + int64(i))
-			}
+			copy(p, patternAt(int(off), len(p)))
 			if n, err := c.Write(p); err != nil {
 				wrote <- writeEnd{n, err}
 				return
@@ -995,7 +856,7 @@ func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
 	default:
 	}
 	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-	end := stRecv(t, wrote, "the blocked Write to time out")
+	end := waitForWithin(t, wrote, stTimeout, "the blocked Write to time out")
 	stWantTimeout(t, end.err, "blocked Write at the deadline")
 	if end.n != 0 {
 		t.Fatalf("the timed-out Write returned n = %d, want 0 (it queues nothing)", end.n)
@@ -1011,7 +872,7 @@ func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
 	c.SetWriteDeadline(time.Time{})
 	reading := make(chan error, 1)
 	go func() {
-		ref := stRef(256 << 10)
+		ref := makePatternAt(0, patternPeriod+256<<10)
 		buf := make([]byte, 256<<10)
 		var off int64
 		for off < total {
@@ -1030,10 +891,10 @@ func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
 	}()
 	flushed := make(chan error, 1)
 	go func() { flushed <- c.Flush() }()
-	if err := stRecv(t, flushed, "Flush once the peer reads"); err != nil {
+	if err := waitForWithin(t, flushed, stTimeout, "Flush once the peer reads"); err != nil {
 		t.Fatalf("Flush after the write timeout = %v, want nil", err)
 	}
-	if err := stRecv(t, reading, "the server reading everything written"); err != nil {
+	if err := waitForWithin(t, reading, stTimeout, "the server reading everything written"); err != nil {
 		t.Fatalf("server read: %v", err)
 	}
 	if _, err := c.Write([]byte("end")); err != nil {
@@ -1047,14 +908,14 @@ func TestStreamWriteBlocksOverOneMiB(t *testing.T) {
 		t.Fatalf("server read %q, %v after the flushed bytes; want \"end\", io.EOF", got, err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamReadDeadlineLeavesSocketUsable checks that a read deadline
 // ends a blocked Read with a timeout, and that the socket stays open: after
 // the deadline is cleared, a Read gets the data.
 func TestStreamReadDeadlineLeavesSocketUsable(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	buf := make([]byte, 16)
 
@@ -1087,11 +948,11 @@ func TestStreamReadDeadlineLeavesSocketUsable(t *testing.T) {
 
 	s.SetDeadline(time.Time{})
 	reading := stGoReadOnce(s, 16)
-	stNotYet(t, reading, 100*time.Millisecond, "Read after the deadline was cleared")
+	expectNone(t, reading, 100*time.Millisecond, "Read after the deadline was cleared")
 	if _, err := c.WriteString("late"); err != nil {
 		t.Fatal(err)
 	}
-	if r := stRecv(t, reading, "Read after the deadline was cleared"); string(r.data) != "late" || r.err != nil {
+	if r := waitForWithin(t, reading, stTimeout, "Read after the deadline was cleared"); string(r.data) != "late" || r.err != nil {
 		t.Fatalf("Read = %q, %v; want \"late\", nil", r.data, r.err)
 	}
 	if _, err := s.WriteString("reply"); err != nil {
@@ -1105,14 +966,14 @@ func TestStreamReadDeadlineLeavesSocketUsable(t *testing.T) {
 	c.Close()
 	s.Close()
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamDeadlinesBelongToEachView checks that two streams over one
 // socket have their own deadlines: one view's deadline does not end a Read
 // blocked on the other.
 func TestStreamDeadlinesBelongToEachView(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	v1 := asynctcp.NewStream(s.Socket())
 	v2 := asynctcp.NewStream(s.Socket())
@@ -1120,7 +981,7 @@ func TestStreamDeadlinesBelongToEachView(t *testing.T) {
 	v1.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	_, err := v1.Read(make([]byte, 16))
 	stWantTimeout(t, err, "Read on the view with the deadline")
-	stNotYet(t, blocked, 200*time.Millisecond, "Read on the view without a deadline")
+	expectNone(t, blocked, 200*time.Millisecond, "Read on the view without a deadline")
 	// A deadline in the past on one view: the other still writes.
 	v1.SetWriteDeadline(time.Now().Add(-time.Second))
 	if _, err := v1.Write([]byte("x")); err == nil {
@@ -1137,13 +998,13 @@ func TestStreamDeadlinesBelongToEachView(t *testing.T) {
 	if _, err := c.WriteString("hi"); err != nil {
 		t.Fatal(err)
 	}
-	if r := stRecv(t, blocked, "the blocked Read on the view without a deadline"); string(r.data) != "hi" || r.err != nil {
+	if r := waitForWithin(t, blocked, stTimeout, "the blocked Read on the view without a deadline"); string(r.data) != "hi" || r.err != nil {
 		t.Fatalf("Read on the view without a deadline = %q, %v; want \"hi\", nil", r.data, r.err)
 	}
 	c.Close()
 	s.Close()
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamInputLimitBoundsUnreadInput checks SPEC rule 16: a raw peer
@@ -1164,18 +1025,18 @@ func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := stLoop(t)
+			l := newTestLoop(t)
 			var st *asynctcp.Stream
 			var peer *net.TCPConn
 			var srv *asynctcp.Server
 			if tc.connect {
-				ln, port := stRawListen(t)
+				ln, port := listenRaw(t)
 				var err error
 				st, err = l.ConnectStream("127.0.0.1", port, nil, nil, tc.opts...)
 				if err != nil {
 					t.Fatal(err)
 				}
-				peer = stRawAccept(t, ln)
+				peer = acceptRawKeepBuf(t, ln)
 			} else {
 				accepted := make(chan *asynctcp.Stream, 1)
 				var err error
@@ -1184,18 +1045,18 @@ func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				peer = stRawDial(t, stPort(t, srv.Addr()))
-				st = stRecv(t, accepted, "the accepted socket")
+				peer = dialRaw(t, portOf(t, srv.Addr()))
+				st = waitForWithin(t, accepted, stTimeout, "the accepted socket")
 			}
 
 			var sent atomic.Int64
 			wrote := make(chan error, 1)
 			go func() {
-				ref := stRef(64 << 10)
+				ref := makePatternAt(0, patternPeriod+64<<10)
 				var off int64
 				for off < tc.size {
 					m := int(min(int64(64<<10), tc.size-off))
-					k := int(off % 251)
+					k := int(off % patternPeriod)
 					n, err := peer.Write(ref[k : k+m])
 					off += int64(n)
 					sent.Store(off)
@@ -1220,7 +1081,7 @@ func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
 				t.Fatal("Buffered() = 0: the socket read nothing")
 			}
 
-			ref := stRef(256 << 10)
+			ref := makePatternAt(0, patternPeriod+256<<10)
 			buf := make([]byte, 256<<10)
 			var off int64
 			st.SetReadDeadline(time.Now().Add(stTimeout))
@@ -1237,7 +1098,7 @@ func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
 			if n, err := st.Read(buf); n != 0 || err != io.EOF {
 				t.Fatalf("Read after %d bytes = %d, %v; want 0, io.EOF", tc.size, n, err)
 			}
-			if err := stRecv(t, wrote, "the raw peer to finish"); err != nil {
+			if err := waitForWithin(t, wrote, stTimeout, "the raw peer to finish"); err != nil {
 				t.Fatalf("raw peer: %v", err)
 			}
 			if err := st.Close(); err != nil {
@@ -1247,7 +1108,7 @@ func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
 			if srv != nil {
 				srv.Close()
 			}
-			stWaitLoop(t, l)
+			waitLoopNil(t, l, stTimeout)
 		})
 	}
 }
@@ -1255,7 +1116,7 @@ func TestStreamInputLimitBoundsUnreadInput(t *testing.T) {
 // TestStreamBufioScannerFromAnotherGoroutine reads lines with
 // bufio.Scanner over a stream, outside any callback.
 func TestStreamBufioScannerFromAnotherGoroutine(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	const lines = 5000
 	type scanResult struct {
@@ -1287,10 +1148,10 @@ func TestStreamBufioScannerFromAnotherGoroutine(t *testing.T) {
 		}
 		wrote <- c.Close()
 	}()
-	if err := stRecv(t, wrote, "the writer"); err != nil {
+	if err := waitForWithin(t, wrote, stTimeout, "the writer"); err != nil {
 		t.Fatalf("writer: %v", err)
 	}
-	r := stRecv(t, scanned, "the scanner")
+	r := waitForWithin(t, scanned, stTimeout, "the scanner")
 	if r.err != nil {
 		t.Fatalf("Scanner.Err() = %v, want nil at EOF", r.err)
 	}
@@ -1306,7 +1167,7 @@ func TestStreamBufioScannerFromAnotherGoroutine(t *testing.T) {
 		t.Fatalf("Close after EOF = %v, want nil", err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamIOCopyEcho runs an echo server whose per-socket goroutine does
@@ -1316,7 +1177,7 @@ func TestStreamIOCopyEcho(t *testing.T) {
 	// failure the loop's Exit ends the echo goroutines' streams first.
 	var echoes sync.WaitGroup
 	t.Cleanup(echoes.Wait)
-	l := stLoop(t)
+	l := newTestLoop(t)
 	copied := make(chan error, 1)
 	srv, err := l.ListenStream("127.0.0.1", 0, nil, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		echoes.Add(1)
@@ -1333,12 +1194,12 @@ func TestStreamIOCopyEcho(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := l.ConnectStream("127.0.0.1", stPort(t, srv.Addr()), nil, nil)
+	c, err := l.ConnectStream("127.0.0.1", portOf(t, srv.Addr()), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	const size = 8 << 20
-	ref := stRef(size)
+	ref := makePatternAt(0, patternPeriod+size)
 	wrote := make(chan error, 1)
 	go func() {
 		for off := 0; off < size; off += 100 << 10 {
@@ -1357,17 +1218,17 @@ func TestStreamIOCopyEcho(t *testing.T) {
 	if err := stCheckPattern(ref, got, 0); err != nil {
 		t.Fatalf("echo: %v", err)
 	}
-	if err := stRecv(t, wrote, "the client writer"); err != nil {
+	if err := waitForWithin(t, wrote, stTimeout, "the client writer"); err != nil {
 		t.Fatalf("client Write: %v", err)
 	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := stRecv(t, copied, "the echo's io.Copy"); err != nil {
+	if err := waitForWithin(t, copied, stTimeout, "the echo's io.Copy"); err != nil {
 		t.Fatalf("echo io.Copy / Close = %v, want nil at EOF", err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 	echoes.Wait()
 }
 
@@ -1386,7 +1247,7 @@ func stCert(t *testing.T) (tls.Certificate, *x509.CertPool) {
 // then data both ways.
 func TestStreamCarriesTLS(t *testing.T) {
 	cert, pool := stCert(t)
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	tc := tls.Client(c, &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12})
 	ts := tls.Server(s, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
@@ -1394,7 +1255,7 @@ func TestStreamCarriesTLS(t *testing.T) {
 	ts.SetDeadline(time.Now().Add(stTimeout))
 
 	const size = 1 << 20
-	ref := stRef(size)
+	ref := makePatternAt(0, patternPeriod+size)
 	type result struct {
 		got []byte
 		err error
@@ -1434,10 +1295,10 @@ func TestStreamCarriesTLS(t *testing.T) {
 	if _, err := io.ReadFull(tc, got); err != nil {
 		t.Fatalf("client read: %v", err)
 	}
-	if err := stRecv(t, wrote, "the client's TLS write"); err != nil {
+	if err := waitForWithin(t, wrote, stTimeout, "the client's TLS write"); err != nil {
 		t.Fatalf("client write: %v", err)
 	}
-	r := stRecv(t, server, "the TLS server")
+	r := waitForWithin(t, server, stTimeout, "the TLS server")
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
@@ -1459,7 +1320,7 @@ func TestStreamCarriesTLS(t *testing.T) {
 		t.Logf("server tls Close: %v", err) // its close_notify may find the socket closed at EOF
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
 
 // TestStreamClAsyncClientServer is cl-async's tcp-stream test: the client
@@ -1467,7 +1328,7 @@ func TestStreamCarriesTLS(t *testing.T) {
 // through NewStream(sock).Write inside its read-cb, and the client reads
 // the answer in its stream read-cb.
 func TestStreamClAsyncClientServer(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	const hello, answer = "HELLO", "thanks for all the fish"
 	var srvGot []byte // owned by the server socket's callbacks
 	srvDone := make(chan []byte, 1)
@@ -1487,7 +1348,7 @@ func TestStreamClAsyncClientServer(t *testing.T) {
 	}
 	var cliGot []byte // owned by the client socket's callbacks
 	cliDone := make(chan []byte, 1)
-	c, err := l.ConnectStream("127.0.0.1", stPort(t, srv.Addr()), func(s *asynctcp.Socket, st *asynctcp.Stream) {
+	c, err := l.ConnectStream("127.0.0.1", portOf(t, srv.Addr()), func(s *asynctcp.Socket, st *asynctcp.Stream) {
 		buf := make([]byte, 128)
 		n, err := st.Read(buf)
 		if err != nil {
@@ -1529,7 +1390,7 @@ func TestStreamClAsyncClientServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 	select {
 	case msg := <-bad:
 		t.Fatal(msg)
@@ -1539,7 +1400,7 @@ func TestStreamClAsyncClientServer(t *testing.T) {
 
 // TestStreamAddrs checks the net.Conn address methods of a pair.
 func TestStreamAddrs(t *testing.T) {
-	l := stLoop(t)
+	l := newTestLoop(t)
 	c, s, srv := stPair(t, l, stPairOpts{})
 	if c.LocalAddr() == nil || s.RemoteAddr() == nil || c.LocalAddr().String() != s.RemoteAddr().String() {
 		t.Fatalf("client LocalAddr %v, server RemoteAddr %v; want equal", c.LocalAddr(), s.RemoteAddr())
@@ -1550,5 +1411,5 @@ func TestStreamAddrs(t *testing.T) {
 	c.Close()
 	s.Close()
 	srv.Close()
-	stWaitLoop(t, l)
+	waitLoopNil(t, l, stTimeout)
 }
