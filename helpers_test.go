@@ -234,6 +234,20 @@ func wantClass(t *testing.T, err error, c error, what string) *asynctcp.Event {
 	return ev
 }
 
+// wantEventIs fails the test unless err is an *asynctcp.Event that
+// errors.Is reports as c: of class c or of a class below it.
+func wantEventIs(t *testing.T, err error, c error, what string) *asynctcp.Event {
+	t.Helper()
+	var ev *asynctcp.Event
+	if !errors.As(err, &ev) {
+		t.Fatalf("%s: got %T (%v), want an *asynctcp.Event", what, err, err)
+	}
+	if !errors.Is(err, c) {
+		t.Fatalf("%s: event %v has class %v, want %v", what, err, ev.Class, c)
+	}
+	return ev
+}
+
 // wantSocketClosed fails the test unless err is the ErrSocketClosed event
 // of s.
 func wantSocketClosed(t *testing.T, err error, s *asynctcp.Socket, what string) {

@@ -26,7 +26,7 @@ func TestDialerKeepAlive(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := tlLoop(t)
+			l := newTestLoop(t)
 			srv, err := l.Listen("127.0.0.1", 0, nil, nil)
 			if err != nil {
 				t.Fatalf("Listen: %v", err)
@@ -37,7 +37,7 @@ func TestDialerKeepAlive(t *testing.T) {
 				err      error
 			}
 			got := make(chan opts, 1)
-			_, err = l.Connect("127.0.0.1", exPort(srv), nil, nil,
+			_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, nil,
 				asynctcp.Dialer(&net.Dialer{KeepAlive: tc.keepAlive}),
 				asynctcp.OnConnect(func(s *asynctcp.Socket) {
 					defer s.Close()
@@ -68,7 +68,7 @@ func TestDialerKeepAlive(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}
-			o := tlRecv(t, got, "the connect-cb")
+			o := waitFor(t, got, "the connect-cb")
 			if o.err != nil {
 				t.Fatalf("reading the socket options: %v", o.err)
 			}
@@ -79,7 +79,7 @@ func TestDialerKeepAlive(t *testing.T) {
 				t.Errorf("TCP_KEEPIDLE = %d s, want %d s", o.idle, tc.wantIdle)
 			}
 			srv.Close()
-			tlWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 		})
 	}
 }

@@ -29,85 +29,8 @@ import (
 // option on Connect*), over loopback only. The certificates are made here;
 // host names resolve through a DNS server on loopback.
 
-// tlTimeout bounds every wait of this file.
-const tlTimeout = 10 * time.Second
-
 // tlName is a host name that only tlResolver knows: it answers 127.0.0.1.
 const tlName = "tls.asynctcp.test"
-
-// tlLoop returns a fresh loop. Should the test fail before it waited for
-// the loop, a cleanup exits it, so that no goroutine outlives the test.
-func tlLoop(t *testing.T) *asynctcp.Loop {
-	t.Helper()
-	l := &asynctcp.Loop{}
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		l.Exit(errors.New("tls_test: test failed"))
-		select {
-		case <-goWait(l):
-		case <-time.After(tlTimeout):
-			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
-		}
-	})
-	return l
-}
-
-// tlWait waits for l.Wait, failing the test after tlTimeout.
-func tlWait(t *testing.T, l *asynctcp.Loop) {
-	t.Helper()
-	select {
-	case err := <-goWait(l):
-		if err != nil {
-			t.Errorf("Loop.Wait = %v, want nil", err)
-		}
-	case <-time.After(tlTimeout):
-		t.Fatalf("Loop.Wait did not return within %v (stats %+v)", tlTimeout, l.Stats())
-	}
-}
-
-// tlRecv receives from ch, failing the test after tlTimeout.
-func tlRecv[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(tlTimeout):
-		t.Fatalf("timed out after %v waiting for %s", tlTimeout, what)
-	}
-	var zero T
-	return zero
-}
-
-// tlEvents records the events given to an event-cb.
-type tlEvents struct {
-	ch chan error
-	n  atomic.Int32
-}
-
-func tlNewEvents() *tlEvents { return &tlEvents{ch: make(chan error, 16)} }
-
-func (e *tlEvents) cb(ev error) {
-	e.n.Add(1)
-	select {
-	case e.ch <- ev:
-	default:
-	}
-}
-
-// tlEvent checks that ev is an *asynctcp.Event of class and returns it.
-func tlEvent(t *testing.T, ev error, class error, what string) *asynctcp.Event {
-	t.Helper()
-	var e *asynctcp.Event
-	if !errors.As(ev, &e) {
-		t.Fatalf("%s: event %v (%T) is not an *asynctcp.Event", what, ev, ev)
-	}
-	if !errors.Is(ev, class) {
-		t.Fatalf("%s: event %v has class %v, want %v", what, ev, e.Class, class)
-	}
-	return e
-}
 
 // tlPKI holds a CA and a server certificate it signed, for 127.0.0.1,
 // localhost and tlName.
@@ -288,9 +211,9 @@ func TestTLSClientHandshakesBeforeConnectCb(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := tlLoop(t)
+			l := newTestLoop(t)
 			serverSaw := make(chan tlConnState, 1)
-			srvEvents := tlNewEvents()
+			srvEvents := newEventRecorder()
 			srv, err := l.Listen("127.0.0.1", 0, nil, srvEvents.cb, asynctcp.TLS(pki.server()),
 				asynctcp.OnConnect(func(s *asynctcp.Socket) { serverSaw <- tlState(s) }))
 			if err != nil {
@@ -301,8 +224,8 @@ func TestTLSClientHandshakesBeforeConnectCb(t *testing.T) {
 			cfg := pki.client()
 			cfg.ServerName = tc.serverName
 			clientSaw := make(chan tlConnState, 1)
-			events := tlNewEvents()
-			_, err = l.Connect(tc.host, exPort(srv), nil, events.cb, asynctcp.TLS(cfg),
+			events := newEventRecorder()
+			_, err = l.Connect(tc.host, portOf(t, srv.Addr()), nil, events.cb, asynctcp.TLS(cfg),
 				asynctcp.Dialer(&net.Dialer{Resolver: resolver}),
 				asynctcp.OnConnect(func(s *asynctcp.Socket) {
 					clientSaw <- tlState(s)
@@ -311,21 +234,21 @@ func TestTLSClientHandshakesBeforeConnectCb(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}
-			got := tlRecv(t, clientSaw, "the client's connect-cb")
+			got := waitFor(t, clientSaw, "the client's connect-cb")
 			if !got.isTLS || !got.handshake {
 				t.Errorf("client connect-cb: *tls.Conn %v, handshake complete %v; want both", got.isTLS, got.handshake)
 			}
 			if got.sni != tc.wantName {
 				t.Errorf("client ServerName %q, want %q", got.sni, tc.wantName)
 			}
-			saw := tlRecv(t, serverSaw, "the server's connect-cb")
+			saw := waitFor(t, serverSaw, "the server's connect-cb")
 			if saw.sni != tc.wantSNI {
 				t.Errorf("server got SNI %q, want %q", saw.sni, tc.wantSNI)
 			}
-			ev := tlRecv(t, srvEvents.ch, "the server's EOF")
-			tlEvent(t, ev, asynctcp.ErrTCPEOF, "server after the client closed")
+			ev := waitFor(t, srvEvents.ch, "the server's EOF")
+			wantEventIs(t, ev, asynctcp.ErrTCPEOF, "server after the client closed")
 			srv.Close()
-			tlWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 			if cfg.ServerName != tc.serverName {
 				t.Errorf("Connect changed the caller's cfg.ServerName to %q", cfg.ServerName)
 			}
@@ -346,10 +269,10 @@ func TestTLSClientHandshakesBeforeConnectCb(t *testing.T) {
 func TestTLSServerSocketsAreTLSConns(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	const greeting = "hello from a TLS server\n"
 	serverSaw := make(chan tlConnState, 1)
-	srvEvents := tlNewEvents()
+	srvEvents := newEventRecorder()
 	srv, err := l.Listen("127.0.0.1", 0, exEcho, srvEvents.cb, asynctcp.TLS(pki.server()),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			serverSaw <- tlState(s)
@@ -364,8 +287,8 @@ func TestTLSServerSocketsAreTLSConns(t *testing.T) {
 	want := append([]byte(greeting), payload...)
 	var got []byte // the client's callbacks run one at a time
 	done := make(chan []byte, 1)
-	events := tlNewEvents()
-	_, err = l.Connect("127.0.0.1", exPort(srv),
+	events := newEventRecorder()
+	_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()),
 		func(s *asynctcp.Socket, data []byte) {
 			got = append(got, data...)
 			if len(got) >= len(want) {
@@ -377,28 +300,19 @@ func TestTLSServerSocketsAreTLSConns(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	saw := tlRecv(t, serverSaw, "the server's connect-cb")
+	saw := waitFor(t, serverSaw, "the server's connect-cb")
 	if !saw.isTLS || !saw.handshake {
 		t.Errorf("server connect-cb: *tls.Conn %v, handshake complete %v; want both", saw.isTLS, saw.handshake)
 	}
-	if b := tlRecv(t, done, "the greeting and the echo"); !bytes.Equal(b, want) {
-		t.Errorf("client got %d bytes, want %d (greeting + echo); first difference at %d", len(b), len(want), tlDiff(b, want))
+	if b := waitFor(t, done, "the greeting and the echo"); !bytes.Equal(b, want) {
+		t.Errorf("client got %d bytes, want %d (greeting + echo); first difference at %d", len(b), len(want), firstDiff(b, want))
 	}
-	tlEvent(t, tlRecv(t, srvEvents.ch, "the server's EOF"), asynctcp.ErrTCPEOF, "server after the client closed")
+	wantEventIs(t, waitFor(t, srvEvents.ch, "the server's EOF"), asynctcp.ErrTCPEOF, "server after the client closed")
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := events.n.Load(); n != 0 {
 		t.Errorf("the client got %d events, want none: %v", n, <-events.ch)
 	}
-}
-
-func tlDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return min(len(a), len(b))
 }
 
 // TestTLSServerTalksToCryptoTLSClient: an asynctcp TLS server serves a
@@ -406,7 +320,7 @@ func tlDiff(a, b []byte) int {
 func TestTLSServerTalksToCryptoTLSClient(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	srv, err := l.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
@@ -414,12 +328,12 @@ func TestTLSServerTalksToCryptoTLSClient(t *testing.T) {
 	defer srv.Close()
 	cfg := pki.client()
 	cfg.ServerName = "localhost"
-	c, err := tls.DialWithDialer(&net.Dialer{Timeout: tlTimeout}, "tcp", srv.Addr().String(), cfg)
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: waitTimeout}, "tcp", srv.Addr().String(), cfg)
 	if err != nil {
 		t.Fatalf("tls.Dial: %v", err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(tlTimeout))
+	c.SetDeadline(time.Now().Add(waitTimeout))
 	payload := pattern(256 << 10)
 	werr := make(chan error, 1)
 	go func() {
@@ -430,15 +344,15 @@ func TestTLSServerTalksToCryptoTLSClient(t *testing.T) {
 	if _, err := io.ReadFull(c, got); err != nil {
 		t.Fatalf("read the echo: %v", err)
 	}
-	if err := tlRecv(t, werr, "the client's write"); err != nil {
+	if err := waitFor(t, werr, "the client's write"); err != nil {
 		t.Fatalf("write: %v", err)
 	}
 	if !bytes.Equal(got, payload) {
-		t.Fatalf("echo differs at byte %d", tlDiff(got, payload))
+		t.Fatalf("echo differs at byte %d", firstDiff(got, payload))
 	}
 	c.Close()
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestTLSClientTalksToCryptoTLSServer: an asynctcp TLS client talks to a
@@ -459,7 +373,7 @@ func TestTLSClientTalksToCryptoTLSServer(t *testing.T) {
 			return
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(tlTimeout))
+		c.SetDeadline(time.Now().Add(waitTimeout))
 		line, err := bufio.NewReader(c).ReadString('\n')
 		if err == nil {
 			_, err = io.WriteString(c, strings.ToUpper(line))
@@ -467,20 +381,20 @@ func TestTLSClientTalksToCryptoTLSServer(t *testing.T) {
 		served <- err
 	}()
 
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	var got []byte
-	events := tlNewEvents()
+	events := newEventRecorder()
 	_, err = l.Connect("127.0.0.1", ln.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) { got = append(got, data...) },
 		events.cb, asynctcp.TLS(pki.client()), asynctcp.Data([]byte("hello over tls\n")))
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	if err := tlRecv(t, served, "the crypto/tls server"); err != nil {
+	if err := waitFor(t, served, "the crypto/tls server"); err != nil {
 		t.Fatalf("server: %v", err)
 	}
-	tlEvent(t, tlRecv(t, events.ch, "the client's EOF"), asynctcp.ErrTCPEOF, "client after the server closed")
-	tlWait(t, l)
+	wantEventIs(t, waitFor(t, events.ch, "the client's EOF"), asynctcp.ErrTCPEOF, "client after the server closed")
+	waitLoopNil(t, l, waitTimeout)
 	if string(got) != "HELLO OVER TLS\n" {
 		t.Errorf("client got %q, want %q", got, "HELLO OVER TLS\n")
 	}
@@ -491,7 +405,7 @@ func TestTLSClientTalksToCryptoTLSServer(t *testing.T) {
 func TestTLSStreams(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	srv, err := l.ListenStream("127.0.0.1", 0,
 		func(s *asynctcp.Socket, st *asynctcp.Stream) {
 			buf := make([]byte, 4096)
@@ -507,11 +421,11 @@ func TestTLSStreams(t *testing.T) {
 		t.Fatalf("ListenStream: %v", err)
 	}
 	defer srv.Close()
-	st, err := l.ConnectStream("127.0.0.1", exPort(srv), nil, nil, asynctcp.TLS(pki.client()))
+	st, err := l.ConnectStream("127.0.0.1", portOf(t, srv.Addr()), nil, nil, asynctcp.TLS(pki.client()))
 	if err != nil {
 		t.Fatalf("ConnectStream: %v", err)
 	}
-	st.SetDeadline(time.Now().Add(tlTimeout))
+	st.SetDeadline(time.Now().Add(waitTimeout))
 	br := bufio.NewReader(st)
 	for _, line := range []string{"first line\n", "second line\n"} {
 		if _, err := st.Write([]byte(line)); err != nil {
@@ -530,7 +444,7 @@ func TestTLSStreams(t *testing.T) {
 	}
 	st.Close()
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestTLSSocketSurvivesIdleReader: a TLS socket that sat idle for longer
@@ -539,7 +453,7 @@ func TestTLSStreams(t *testing.T) {
 func TestTLSSocketSurvivesIdleReader(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	srv, err := l.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
@@ -548,8 +462,8 @@ func TestTLSSocketSurvivesIdleReader(t *testing.T) {
 	const idle = 700 * time.Millisecond
 	var got []byte
 	done := make(chan string, 1)
-	events := tlNewEvents()
-	_, err = l.Connect("127.0.0.1", exPort(srv),
+	events := newEventRecorder()
+	_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()),
 		func(s *asynctcp.Socket, data []byte) {
 			got = append(got, data...)
 			switch string(got) {
@@ -565,11 +479,11 @@ func TestTLSSocketSurvivesIdleReader(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	if got := tlRecv(t, done, "the echo after the idle spell"); got != "onetwo" {
+	if got := waitFor(t, done, "the echo after the idle spell"); got != "onetwo" {
 		t.Errorf("got %q", got)
 	}
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := events.n.Load(); n != 0 {
 		t.Errorf("the client got %d events, want none: %v", n, <-events.ch)
 	}
@@ -582,8 +496,8 @@ func TestTLSHandshakeFailureIsTCPError(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
 	stranger := tlNewPKI(t) // a CA that did not sign the server's certificate
-	l := tlLoop(t)
-	srvEvents := tlNewEvents()
+	l := newTestLoop(t)
+	srvEvents := newEventRecorder()
 	var srvConnects atomic.Int32
 	srv, err := l.Listen("127.0.0.1", 0, nil, srvEvents.cb, asynctcp.TLS(pki.server()),
 		asynctcp.OnConnect(func(*asynctcp.Socket) { srvConnects.Add(1) }))
@@ -592,15 +506,15 @@ func TestTLSHandshakeFailureIsTCPError(t *testing.T) {
 	}
 	defer srv.Close()
 
-	events := tlNewEvents()
+	events := newEventRecorder()
 	var connects atomic.Int32
-	s, err := l.Connect("127.0.0.1", exPort(srv), nil, events.cb, asynctcp.TLS(stranger.client()),
+	s, err := l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, events.cb, asynctcp.TLS(stranger.client()),
 		asynctcp.OnConnect(func(*asynctcp.Socket) { connects.Add(1) }))
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	ev := tlRecv(t, events.ch, "the client's handshake failure")
-	e := tlEvent(t, ev, asynctcp.ErrTCPError, "client handshake failure")
+	ev := waitFor(t, events.ch, "the client's handshake failure")
+	e := wantEventIs(t, ev, asynctcp.ErrTCPError, "client handshake failure")
 	if e.Class != asynctcp.ErrTCPError {
 		t.Errorf("class %v, want exactly tcp-error", e.Class)
 	}
@@ -619,13 +533,13 @@ func TestTLSHandshakeFailureIsTCPError(t *testing.T) {
 		t.Errorf("event message %q does not mention the certificate", ev.Error())
 	}
 
-	sev := tlRecv(t, srvEvents.ch, "the server's handshake failure")
-	tlEvent(t, sev, asynctcp.ErrConnectionError, "server handshake failure")
+	sev := waitFor(t, srvEvents.ch, "the server's handshake failure")
+	wantEventIs(t, sev, asynctcp.ErrConnectionError, "server handshake failure")
 	if !strings.Contains(sev.Error(), "tls") {
 		t.Errorf("server event %q does not mention tls", sev.Error())
 	}
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := connects.Load() + srvConnects.Load(); n != 0 {
 		t.Errorf("%d connect-cbs ran after a failed handshake", n)
 	}
@@ -643,24 +557,24 @@ func TestTLSHandshakeFailureIsTCPError(t *testing.T) {
 func TestTLSServerHandshakeFailureIsTCPError(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
-	l := tlLoop(t)
-	srvEvents := tlNewEvents()
+	l := newTestLoop(t)
+	srvEvents := newEventRecorder()
 	srv, err := l.Listen("127.0.0.1", 0, nil, srvEvents.cb, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
 	defer srv.Close()
-	c, err := net.DialTimeout("tcp", srv.Addr().String(), tlTimeout)
+	c, err := net.DialTimeout("tcp", srv.Addr().String(), waitTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(tlTimeout))
+	c.SetDeadline(time.Now().Add(waitTimeout))
 	if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	ev := tlRecv(t, srvEvents.ch, "the server's handshake failure")
-	e := tlEvent(t, ev, asynctcp.ErrTCPError, "server handshake failure")
+	ev := waitFor(t, srvEvents.ch, "the server's handshake failure")
+	e := wantEventIs(t, ev, asynctcp.ErrTCPError, "server handshake failure")
 	if e.Class != asynctcp.ErrTCPError {
 		t.Errorf("class %v, want exactly tcp-error", e.Class)
 	}
@@ -672,7 +586,7 @@ func TestTLSServerHandshakeFailureIsTCPError(t *testing.T) {
 		t.Errorf("the plain client read %v after the failed handshake, want EOF", err)
 	}
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 }
 
 // TestTLSServerHandshakeBoundedByReadTimeout: a client that connects and
@@ -693,8 +607,8 @@ func TestTLSServerHandshakeBoundedByReadTimeout(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			l := tlLoop(t)
-			srvEvents := tlNewEvents()
+			l := newTestLoop(t)
+			srvEvents := newEventRecorder()
 			var connects atomic.Int32
 			srv, err := l.Listen("127.0.0.1", 0, nil, srvEvents.cb, asynctcp.TLS(pki.server()),
 				asynctcp.ReadTimeout(timeout),
@@ -703,7 +617,7 @@ func TestTLSServerHandshakeBoundedByReadTimeout(t *testing.T) {
 				t.Fatalf("Listen: %v", err)
 			}
 			defer srv.Close()
-			c, err := net.DialTimeout("tcp", srv.Addr().String(), tlTimeout)
+			c, err := net.DialTimeout("tcp", srv.Addr().String(), waitTimeout)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -712,25 +626,25 @@ func TestTLSServerHandshakeBoundedByReadTimeout(t *testing.T) {
 			if _, err := c.Write(tc.send); err != nil {
 				t.Fatal(err)
 			}
-			ev := tlRecv(t, srvEvents.ch, "the server's handshake timeout")
+			ev := waitFor(t, srvEvents.ch, "the server's handshake timeout")
 			elapsed := time.Since(start)
-			e := tlEvent(t, ev, asynctcp.ErrTCPTimeout, "stalled handshake")
+			e := wantEventIs(t, ev, asynctcp.ErrTCPTimeout, "stalled handshake")
 			if e.Code != -1 {
 				t.Errorf("timeout event Code %d, want -1", e.Code)
 			}
 			if elapsed < timeout-50*time.Millisecond || elapsed > timeout+5*time.Second {
 				t.Errorf("the handshake timed out after %v, want about %v", elapsed, timeout)
 			}
-			c.SetReadDeadline(time.Now().Add(tlTimeout))
+			c.SetReadDeadline(time.Now().Add(waitTimeout))
 			if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscall.ECONNRESET) {
 				t.Errorf("the stalled client read %v, want the connection closed", err)
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), tlTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 			defer cancel()
 			if err := srv.Shutdown(ctx); err != nil {
 				t.Errorf("Shutdown: %v", err)
 			}
-			tlWait(t, l)
+			waitLoopNil(t, l, waitTimeout)
 			if n := connects.Load(); n != 0 {
 				t.Errorf("the connect-cb ran %d times for a handshake that never finished", n)
 			}
@@ -747,19 +661,19 @@ func TestTLSServerHandshakeBoundedByReadTimeout(t *testing.T) {
 func TestTLSExitEndsStalledHandshake(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
-	l := tlLoop(t)
-	srvEvents := tlNewEvents()
+	l := newTestLoop(t)
+	srvEvents := newEventRecorder()
 	srv, err := l.Listen("127.0.0.1", 0, nil, srvEvents.cb, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
-	c, err := net.DialTimeout("tcp", srv.Addr().String(), tlTimeout)
+	c, err := net.DialTimeout("tcp", srv.Addr().String(), waitTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	// No callback marks an accept whose handshake stalls: poll the books.
-	deadline := time.Now().Add(tlTimeout)
+	deadline := time.Now().Add(waitTimeout)
 	for l.Stats().Incoming == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the server never accepted the connection")
@@ -778,13 +692,13 @@ func TestTLSExitEndsStalledHandshake(t *testing.T) {
 		if err != exitErr {
 			t.Errorf("Wait = %v, want the Exit value", err)
 		}
-	case <-time.After(tlTimeout):
+	case <-time.After(waitTimeout):
 		t.Fatalf("Wait did not return after Exit (stats %+v)", l.Stats())
 	}
 	if n := srvEvents.n.Load(); n != 0 {
 		t.Errorf("the server got %d events after Exit, want none: %v", n, <-srvEvents.ch)
 	}
-	c.SetReadDeadline(time.Now().Add(tlTimeout))
+	c.SetReadDeadline(time.Now().Add(waitTimeout))
 	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("the stalled client read %v, want the connection closed", err)
 	}
@@ -809,7 +723,7 @@ func tlSilentServer(t *testing.T) (port int, hello <-chan []byte, closed <-chan 
 			if err != nil {
 				return
 			}
-			c.SetReadDeadline(time.Now().Add(tlTimeout))
+			c.SetReadDeadline(time.Now().Add(waitTimeout))
 			b := make([]byte, 4096)
 			n, _ := c.Read(b)
 			helloCh <- b[:n]
@@ -843,8 +757,8 @@ func TestTLSClientHandshakeBoundedByTimeout(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			port, hello, closed := tlSilentServer(t)
-			l := tlLoop(t)
-			events := tlNewEvents()
+			l := newTestLoop(t)
+			events := newEventRecorder()
 			var connects atomic.Int32
 			start := time.Now()
 			s, err := l.Connect("127.0.0.1", port, nil, events.cb, asynctcp.TLS(pki.client()), tc.opt,
@@ -852,20 +766,20 @@ func TestTLSClientHandshakeBoundedByTimeout(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}
-			ev := tlRecv(t, events.ch, "the handshake timeout")
+			ev := waitFor(t, events.ch, "the handshake timeout")
 			elapsed := time.Since(start)
-			e := tlEvent(t, ev, asynctcp.ErrTCPTimeout, "unanswered ClientHello")
+			e := wantEventIs(t, ev, asynctcp.ErrTCPTimeout, "unanswered ClientHello")
 			if e.Code != -1 || e.Socket != s {
 				t.Errorf("timeout event Code %d, Socket %p; want -1, %p", e.Code, e.Socket, s)
 			}
 			if elapsed < timeout-50*time.Millisecond || elapsed > timeout+5*time.Second {
 				t.Errorf("the handshake timed out after %v, want about %v", elapsed, timeout)
 			}
-			tlWait(t, l)
-			if b := tlRecv(t, hello, "what the client sent"); len(b) == 0 || b[0] != 0x16 {
+			waitLoopNil(t, l, waitTimeout)
+			if b := waitFor(t, hello, "what the client sent"); len(b) == 0 || b[0] != 0x16 {
 				t.Errorf("the client sent %d bytes starting %x, want a TLS handshake record (0x16)", len(b), b[:min(len(b), 1)])
 			}
-			tlRecv(t, closed, "the client to close the connection")
+			waitFor(t, closed, "the client to close the connection")
 			if n := connects.Load(); n != 0 {
 				t.Errorf("the connect-cb ran %d times", n)
 			}
@@ -883,15 +797,15 @@ func TestTLSCloseDuringHandshake(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
 	port, hello, closed := tlSilentServer(t)
-	l := tlLoop(t)
-	events := tlNewEvents()
+	l := newTestLoop(t)
+	events := newEventRecorder()
 	var connects atomic.Int32
 	s, err := l.Connect("127.0.0.1", port, nil, events.cb, asynctcp.TLS(pki.client()),
 		asynctcp.OnConnect(func(*asynctcp.Socket) { connects.Add(1) }))
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	if b := tlRecv(t, hello, "the ClientHello"); len(b) == 0 || b[0] != 0x16 {
+	if b := waitFor(t, hello, "the ClientHello"); len(b) == 0 || b[0] != 0x16 {
 		t.Fatalf("the client sent %x, want a TLS handshake record", b)
 	}
 	if c := s.Conn(); c != nil {
@@ -900,8 +814,8 @@ func TestTLSCloseDuringHandshake(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatalf("Close during the handshake: %v", err)
 	}
-	tlRecv(t, closed, "the connection to close")
-	tlWait(t, l)
+	waitFor(t, closed, "the connection to close")
+	waitLoopNil(t, l, waitTimeout)
 	if n := events.n.Load() + connects.Load(); n != 0 {
 		t.Errorf("%d callbacks ran after Close", n)
 	}
@@ -913,8 +827,8 @@ func TestTLSCloseDuringHandshake(t *testing.T) {
 func TestDialerResolverAnswersLocally(t *testing.T) {
 	t.Parallel()
 	resolver, queries := tlResolver(t)
-	l := tlLoop(t)
-	srvEvents := tlNewEvents()
+	l := newTestLoop(t)
+	srvEvents := newEventRecorder()
 	srv, err := l.Listen("127.0.0.1", 0, exEcho, srvEvents.cb)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
@@ -923,7 +837,7 @@ func TestDialerResolverAnswersLocally(t *testing.T) {
 	remote := make(chan string, 1)
 	var got []byte
 	done := make(chan string, 1)
-	_, err = l.Connect(tlName, exPort(srv),
+	_, err = l.Connect(tlName, portOf(t, srv.Addr()),
 		func(s *asynctcp.Socket, data []byte) {
 			got = append(got, data...)
 			if len(got) == len("ping") {
@@ -937,15 +851,15 @@ func TestDialerResolverAnswersLocally(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	if r := tlRecv(t, remote, "the connect-cb"); r != srv.Addr().String() {
+	if r := waitFor(t, remote, "the connect-cb"); r != srv.Addr().String() {
 		t.Errorf("connected to %s, want %s", r, srv.Addr())
 	}
-	if got := tlRecv(t, done, "the echo"); got != "ping" {
+	if got := waitFor(t, done, "the echo"); got != "ping" {
 		t.Errorf("echo %q", got)
 	}
-	tlEvent(t, tlRecv(t, srvEvents.ch, "the server's EOF"), asynctcp.ErrTCPEOF, "server")
+	wantEventIs(t, waitFor(t, srvEvents.ch, "the server's EOF"), asynctcp.ErrTCPEOF, "server")
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if queries.Load() == 0 {
 		t.Error("the local DNS server was never asked")
 	}
@@ -954,7 +868,7 @@ func TestDialerResolverAnswersLocally(t *testing.T) {
 // TestDialerLocalAddr: the connection leaves from the Dialer's LocalAddr.
 func TestDialerLocalAddr(t *testing.T) {
 	t.Parallel()
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	fromServer := make(chan string, 1)
 	srv, err := l.Listen("127.0.0.1", 0, nil, nil,
 		asynctcp.OnConnect(func(s *asynctcp.Socket) { fromServer <- s.RemoteAddr().String() }))
@@ -964,8 +878,8 @@ func TestDialerLocalAddr(t *testing.T) {
 	defer srv.Close()
 	local := tlFreeAddr(t)
 	fromClient := make(chan string, 1)
-	events := tlNewEvents()
-	_, err = l.Connect("127.0.0.1", exPort(srv), nil, events.cb,
+	events := newEventRecorder()
+	_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, events.cb,
 		asynctcp.Dialer(&net.Dialer{LocalAddr: local}),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			fromClient <- s.LocalAddr().String()
@@ -974,14 +888,14 @@ func TestDialerLocalAddr(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	if got := tlRecv(t, fromClient, "the client's connect-cb"); got != local.String() {
+	if got := waitFor(t, fromClient, "the client's connect-cb"); got != local.String() {
 		t.Errorf("client LocalAddr %s, want %s", got, local)
 	}
-	if got := tlRecv(t, fromServer, "the server's connect-cb"); got != local.String() {
+	if got := waitFor(t, fromServer, "the server's connect-cb"); got != local.String() {
 		t.Errorf("the server sees the client at %s, want %s", got, local)
 	}
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := events.n.Load(); n != 0 {
 		t.Errorf("the client got %d events: %v", n, <-events.ch)
 	}
@@ -1011,7 +925,7 @@ func TestDialerTimeout(t *testing.T) {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}}
-	srvLoop := tlLoop(t)
+	srvLoop := newTestLoop(t)
 	srv, err := srvLoop.Listen("127.0.0.1", 0, nil, nil)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
@@ -1032,14 +946,14 @@ func TestDialerTimeout(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			l := tlLoop(t)
-			events := tlNewEvents()
+			l := newTestLoop(t)
+			events := newEventRecorder()
 			start := time.Now()
-			_, err := l.Connect(tc.host, exPort(srv), nil, events.cb, asynctcp.Dialer(tc.d))
+			_, err := l.Connect(tc.host, portOf(t, srv.Addr()), nil, events.cb, asynctcp.Dialer(tc.d))
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}
-			ev := tlRecv(t, events.ch, "the connect's event")
+			ev := waitFor(t, events.ch, "the connect's event")
 			elapsed := time.Since(start)
 			if elapsed < timeout-50*time.Millisecond || elapsed > timeout+5*time.Second {
 				t.Errorf("the connect failed after %v, want about the Dialer's Timeout %v", elapsed, timeout)
@@ -1048,12 +962,12 @@ func TestDialerTimeout(t *testing.T) {
 			if got := errors.As(ev, &dnsErr); got != tc.dns {
 				t.Errorf("errors.As(%v, *net.DNSError) = %v, want %v", ev, got, tc.dns)
 			}
-			tlEvent(t, ev, asynctcp.ErrTCPTimeout, "connect past the Dialer's Timeout")
-			tlWait(t, l)
+			wantEventIs(t, ev, asynctcp.ErrTCPTimeout, "connect past the Dialer's Timeout")
+			waitLoopNil(t, l, waitTimeout)
 		})
 	}
 	srv.Close()
-	tlWait(t, srvLoop)
+	waitLoopNil(t, srvLoop, waitTimeout)
 }
 
 // TestDialerControl: the Dialer's Control runs for the connect, with the
@@ -1062,7 +976,7 @@ func TestDialerTimeout(t *testing.T) {
 // it.
 func TestDialerControl(t *testing.T) {
 	t.Parallel()
-	l := tlLoop(t)
+	l := newTestLoop(t)
 	accepted := make(chan string, 4) // the client addresses, in order
 	srv, err := l.Listen("127.0.0.1", 0, nil, nil,
 		asynctcp.OnConnect(func(s *asynctcp.Socket) { accepted <- s.RemoteAddr().String() }))
@@ -1074,7 +988,7 @@ func TestDialerControl(t *testing.T) {
 	type call struct{ network, address string }
 	calls := make(chan call, 4)
 	connected := make(chan string, 1)
-	_, err = l.Connect("127.0.0.1", exPort(srv), nil, nil,
+	_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, nil,
 		asynctcp.Dialer(&net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
 			calls <- call{network, address}
 			return nil
@@ -1086,22 +1000,22 @@ func TestDialerControl(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	first := tlRecv(t, connected, "the connect-cb")
-	c := tlRecv(t, calls, "the Control call")
+	first := waitFor(t, connected, "the connect-cb")
+	c := waitFor(t, calls, "the Control call")
 	if c.network != "tcp4" && c.network != "tcp" {
 		t.Errorf("Control network %q, want tcp4", c.network)
 	}
 	if c.address != srv.Addr().String() {
 		t.Errorf("Control address %q, want %q", c.address, srv.Addr())
 	}
-	if got := tlRecv(t, accepted, "the server's first accept"); got != first {
+	if got := waitFor(t, accepted, "the server's first accept"); got != first {
 		t.Errorf("the server accepted %s, want the client at %s", got, first)
 	}
 
 	errRefusedByControl := errors.New("refused by Control")
-	events := tlNewEvents()
+	events := newEventRecorder()
 	var connects atomic.Int32
-	s, err := l.Connect("127.0.0.1", exPort(srv), nil, events.cb,
+	s, err := l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, events.cb,
 		asynctcp.Dialer(&net.Dialer{Control: func(string, string, syscall.RawConn) error {
 			return errRefusedByControl
 		}}),
@@ -1109,8 +1023,8 @@ func TestDialerControl(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	ev := tlRecv(t, events.ch, "the failed connect's event")
-	tlEvent(t, ev, asynctcp.ErrTCPError, "connect refused by Control")
+	ev := waitFor(t, events.ch, "the failed connect's event")
+	wantEventIs(t, ev, asynctcp.ErrTCPError, "connect refused by Control")
 	if !errors.Is(ev, errRefusedByControl) {
 		t.Errorf("event %v does not wrap Control's error", ev)
 	}
@@ -1118,19 +1032,19 @@ func TestDialerControl(t *testing.T) {
 	// A last connect: had the refused one reached the server, the server
 	// would have accepted it before this one.
 	last := make(chan string, 1)
-	_, err = l.Connect("127.0.0.1", exPort(srv), nil, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) {
+	_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		last <- s.LocalAddr().String()
 		s.Close()
 	}))
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	want := tlRecv(t, last, "the last connect-cb")
-	if got := tlRecv(t, accepted, "the server's next accept"); got != want {
+	want := waitFor(t, last, "the last connect-cb")
+	if got := waitFor(t, accepted, "the server's next accept"); got != want {
 		t.Errorf("the server accepted %s next, want the last client %s", got, want)
 	}
 	srv.Close()
-	tlWait(t, l)
+	waitLoopNil(t, l, waitTimeout)
 	if n := connects.Load(); n != 0 {
 		t.Errorf("the connect-cb ran %d times after Control failed", n)
 	}
