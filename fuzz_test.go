@@ -357,7 +357,7 @@ func FuzzEchoIntegrity(f *testing.F) {
 		got := rlEchoOnce(t, p)
 		if !bytes.Equal(got, p.data) {
 			t.Fatalf("the peer read %d bytes back, sent %d; first difference at %d (plan %s)",
-				len(got), len(p.data), rlFirstDiff(got, p.data), rlPlanSummary(p))
+				len(got), len(p.data), firstDiff(got, p.data), rlPlanSummary(p))
 		}
 	})
 }

@@ -351,24 +351,12 @@ func TestPeerHalfCloseEOFAfterAllDataOutputStillFlushed(t *testing.T) {
 	}
 	want := append(append(append([]byte(nil), big[:greeting]...), big[greeting:greeting+request]...), "bye"...)
 	if !bytes.Equal(r.data, want) {
-		t.Errorf("peer got %d bytes, want %d (greeting, echo, bye); first difference at %d", len(r.data), len(want), rlFirstDiff(r.data, want))
+		t.Errorf("peer got %d bytes, want %d (greeting, echo, bye); first difference at %d", len(r.data), len(want), firstDiff(r.data, want))
 	}
 	waitLoop(t, l, waitTimeout)
 	if got := n.Load(); got != 1 {
 		t.Errorf("%d events, want one", got)
 	}
-}
-
-// rlFirstDiff returns the first offset where a and b differ (or the length
-// of the shorter).
-func rlFirstDiff(a, b []byte) int {
-	n := min(len(a), len(b))
-	for i := 0; i < n; i++ {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return n
 }
 
 // TestEchoToPeerThatNeverReadsEndsInWriteTimeout: an echo server with a
