@@ -24,11 +24,6 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// wrTimeout bounds every wait of this file on a callback or a peer.
-const wrTimeout = 10 * time.Second
-
-var errWrTestFailed = errors.New("wrap_test: test failed")
-
 // wrTransport is a kind of connection that Wrap adopts and, where it has
 // one, a kind of listener that Serve accepts from. Where a rule cannot apply
 // to the transport, a why string says so.
@@ -77,7 +72,7 @@ func wrTCPListen(t *testing.T) (net.Listener, func() (net.Conn, error)) {
 	}
 	t.Cleanup(func() { ln.Close() })
 	addr := ln.Addr().String()
-	return ln, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, wrTimeout) }
+	return ln, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, waitTimeout) }
 }
 
 // wrUnixListen listens on a Unix socket in the test's directory.
@@ -89,7 +84,7 @@ func wrUnixListen(t *testing.T) (net.Listener, func() (net.Conn, error)) {
 		t.Fatalf("listen unix %s: %v", path, err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	return ln, func() (net.Conn, error) { return net.DialTimeout("unix", path, wrTimeout) }
+	return ln, func() (net.Conn, error) { return net.DialTimeout("unix", path, waitTimeout) }
 }
 
 // wrTLSListen is a tls.NewListener over a loopback TCP listener, dialed by
@@ -100,7 +95,7 @@ func wrTLSListen(t *testing.T) (net.Listener, func() (net.Conn, error)) {
 	srvCfg, cliCfg := wrTLSConfigs(t)
 	addr := inner.Addr().String()
 	dial := func() (net.Conn, error) {
-		return tls.DialWithDialer(&net.Dialer{Timeout: wrTimeout}, "tcp", addr, cliCfg)
+		return tls.DialWithDialer(&net.Dialer{Timeout: waitTimeout}, "tcp", addr, cliCfg)
 	}
 	return tls.NewListener(inner, srvCfg), dial
 }
@@ -127,7 +122,7 @@ func wrInheritedListen(t *testing.T) (net.Listener, func() (net.Conn, error)) {
 	}
 	t.Cleanup(func() { ln.Close() })
 	addr := ln.Addr().String()
-	return ln, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, wrTimeout) }
+	return ln, func() (net.Conn, error) { return net.DialTimeout("tcp", addr, waitTimeout) }
 }
 
 // wrTLSConfigs makes an ECDSA certificate for 127.0.0.1 and localhost and
@@ -163,7 +158,7 @@ func wrPairOf(listen func(t *testing.T) (net.Listener, func() (net.Conn, error))
 		go func() {
 			c, err := ln.Accept()
 			if tc, ok := c.(*tls.Conn); ok && err == nil {
-				ctx, cancel := context.WithTimeout(context.Background(), wrTimeout)
+				ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 				err = tc.HandshakeContext(ctx)
 				cancel()
 			}
@@ -176,7 +171,7 @@ func wrPairOf(listen func(t *testing.T) (net.Listener, func() (net.Conn, error))
 			t.Fatalf("dial: %v", err)
 		}
 		t.Cleanup(func() { mine.Close() })
-		a := wrRecv(t, ch, "the accepted end of the pair")
+		a := waitFor(t, ch, "the accepted end of the pair")
 		ln.Close()
 		if a.err != nil {
 			t.Fatalf("accept: %v", a.err)
@@ -212,82 +207,6 @@ func wrLingerReset(peer net.Conn) error {
 	return tcp.Close()
 }
 
-// wrLoop returns a fresh loop; should the test fail before it has waited
-// for the loop, a cleanup exits the loop so that nothing outlives the test.
-func wrLoop(t *testing.T) *asynctcp.Loop {
-	t.Helper()
-	l := &asynctcp.Loop{}
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		l.Exit(errWrTestFailed)
-		done := make(chan error, 1)
-		go func() { done <- l.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(wrTimeout):
-			t.Errorf("cleanup: Loop.Wait did not return within %v after Exit (stats %+v)", wrTimeout, l.Stats())
-		}
-	})
-	return l
-}
-
-// wrWaitLoop waits for l.Wait, which must return nil with every count of
-// Stats at zero.
-func wrWaitLoop(t *testing.T, l *asynctcp.Loop) {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- l.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("Loop.Wait = %v, want nil", err)
-		}
-	case <-time.After(wrTimeout):
-		t.Fatalf("Loop.Wait did not return within %v (stats %+v)", wrTimeout, l.Stats())
-	}
-	if st := l.Stats(); st != (asynctcp.Stats{}) {
-		t.Errorf("Stats after Wait = %+v, want all zero", st)
-	}
-}
-
-// wrRecv waits for a value on ch.
-func wrRecv[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(wrTimeout):
-		t.Fatalf("timed out after %v waiting for %s", wrTimeout, what)
-		panic("unreachable")
-	}
-}
-
-// wrWaitGroup waits for wg.
-func wrWaitGroup(t *testing.T, wg *sync.WaitGroup, what string) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(done)
-	}()
-	wrRecv(t, done, what)
-}
-
-// wrEvent checks that err is an *asynctcp.Event of class c.
-func wrEvent(t *testing.T, err error, c error, what string) *asynctcp.Event {
-	t.Helper()
-	var ev *asynctcp.Event
-	if !errors.As(err, &ev) {
-		t.Fatalf("%s: got %T %v, want an *asynctcp.Event", what, err, err)
-	}
-	if !errors.Is(err, c) {
-		t.Fatalf("%s: got %v (class %v), want class %v", what, err, ev.Class, c)
-	}
-	return ev
-}
-
 // wrEvents returns an event-cb that passes every event to the channel.
 func wrEvents() (asynctcp.EventFunc, chan error) {
 	ch := make(chan error, 16)
@@ -307,7 +226,7 @@ func wrNoMore(t *testing.T, evs <-chan error) {
 // wrReadN reads exactly n bytes from c.
 func wrReadN(t *testing.T, c net.Conn, n int, what string) []byte {
 	t.Helper()
-	c.SetReadDeadline(time.Now().Add(wrTimeout))
+	c.SetReadDeadline(time.Now().Add(waitTimeout))
 	defer c.SetReadDeadline(time.Time{})
 	p := make([]byte, n)
 	if got, err := io.ReadFull(c, p); err != nil {
@@ -316,28 +235,12 @@ func wrReadN(t *testing.T, c net.Conn, n int, what string) []byte {
 	return p
 }
 
-type wrRead struct {
-	data []byte
-	err  error // nil at EOF
-}
-
-// wrGoReadAll reads c to its end in the background.
-func wrGoReadAll(c net.Conn) <-chan wrRead {
-	ch := make(chan wrRead, 1)
-	go func() {
-		c.SetReadDeadline(time.Now().Add(wrTimeout))
-		data, err := io.ReadAll(c)
-		ch <- wrRead{data, err}
-	}()
-	return ch
-}
-
 // wrGoWrite writes p to c in the background, in pieces of chunk bytes (a
 // net.Pipe write waits for the reader), and closes c after if asked to.
 func wrGoWrite(c net.Conn, p []byte, chunk int, closeAfter bool) <-chan error {
 	ch := make(chan error, 1)
 	go func() {
-		c.SetWriteDeadline(time.Now().Add(wrTimeout))
+		c.SetWriteDeadline(time.Now().Add(waitTimeout))
 		var err error
 		for len(p) > 0 && err == nil {
 			n := min(chunk, len(p))
@@ -354,15 +257,6 @@ func wrGoWrite(c net.Conn, p []byte, chunk int, closeAfter bool) <-chan error {
 	return ch
 }
 
-// wrPattern is n bytes that show a lost, doubled or misplaced piece.
-func wrPattern(n int) []byte {
-	p := make([]byte, n)
-	for i := range p {
-		p[i] = byte(i*7 + i/251)
-	}
-	return p
-}
-
 func wrSameAddr(a, b net.Addr) bool {
 	return a != nil && b != nil && a.Network() == b.Network() && a.String() == b.String()
 }
@@ -370,7 +264,7 @@ func wrSameAddr(a, b net.Addr) bool {
 func TestWrapSocketIsUpAtOnce(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			s, err := l.Wrap(mine, nil, nil, asynctcp.Data([]byte("at once")))
 			if err != nil {
@@ -395,10 +289,10 @@ func TestWrapSocketIsUpAtOnce(t *testing.T) {
 			if err := s.Close(); err != nil {
 				t.Fatalf("Close: %v", err)
 			}
-			if r := wrRecv(t, wrGoReadAll(peer), "the peer's EOF"); r.err != nil || len(r.data) != 0 {
+			if r := waitFor(t, readAllAsync(peer), "the peer's EOF"); r.err != nil || len(r.data) != 0 {
 				t.Errorf("peer after Close read %q, %v; want nothing, then EOF", r.data, r.err)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -406,7 +300,7 @@ func TestWrapSocketIsUpAtOnce(t *testing.T) {
 func TestWrapConnectCallbackBeforeRead(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			// The peer's bytes are on their way before Wrap: they still
 			// wait for the connect-cb.
@@ -437,8 +331,8 @@ func TestWrapConnectCallbackBeforeRead(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Wrap: %v", err)
 			}
-			wrRecv(t, all, "the peer's bytes at the read-cb")
-			if err := wrRecv(t, wrote, "the peer's write"); err != nil {
+			waitFor(t, all, "the peer's bytes at the read-cb")
+			if err := waitFor(t, wrote, "the peer's write"); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
 			mu.Lock()
@@ -453,7 +347,7 @@ func TestWrapConnectCallbackBeforeRead(t *testing.T) {
 			}
 			mu.Unlock()
 			s.Close()
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -461,13 +355,13 @@ func TestWrapConnectCallbackBeforeRead(t *testing.T) {
 func TestWrapSendsDataFirstThenWritesInOrder(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			s, err := l.Wrap(mine, nil, nil, asynctcp.Data([]byte("data1,")), asynctcp.Data([]byte("data2;")))
 			if err != nil {
 				t.Fatalf("Wrap: %v", err)
 			}
-			big := wrPattern(3000)
+			big := pattern(3000)
 			var want bytes.Buffer
 			want.WriteString("data1,data2;")
 			if err := s.WriteData(big); err != nil {
@@ -485,7 +379,7 @@ func TestWrapSendsDataFirstThenWritesInOrder(t *testing.T) {
 			if err := s.Close(); err != nil {
 				t.Fatalf("Close: %v", err)
 			}
-			r := wrRecv(t, wrGoReadAll(peer), "the peer's read to EOF")
+			r := waitFor(t, readAllAsync(peer), "the peer's read to EOF")
 			if r.err != nil {
 				t.Errorf("peer read: %v", r.err)
 			}
@@ -493,7 +387,7 @@ func TestWrapSendsDataFirstThenWritesInOrder(t *testing.T) {
 				t.Errorf("peer got %d bytes (starting %q), want %d: Data, then each write in call order",
 					len(r.data), r.data[:min(len(r.data), 20)], want.Len())
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -501,9 +395,9 @@ func TestWrapSendsDataFirstThenWritesInOrder(t *testing.T) {
 func TestWrapReadCallbackGetsBytesInOrderAsFreshSlices(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
-			want := wrPattern(200 << 10)
+			want := pattern(200 << 10)
 			var (
 				mu    sync.Mutex
 				kept  [][]byte
@@ -524,8 +418,8 @@ func TestWrapReadCallbackGetsBytesInOrderAsFreshSlices(t *testing.T) {
 				t.Fatalf("Wrap: %v", err)
 			}
 			wrote := wrGoWrite(peer, want, 1000, false)
-			wrRecv(t, all, "every byte at the read-cb")
-			if err := wrRecv(t, wrote, "the peer's writes"); err != nil {
+			waitFor(t, all, "every byte at the read-cb")
+			if err := waitFor(t, wrote, "the peer's writes"); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
 			// Only now look at the slices: had a buffer been reused, the
@@ -538,7 +432,7 @@ func TestWrapReadCallbackGetsBytesInOrderAsFreshSlices(t *testing.T) {
 				t.Errorf("the kept slices of %d read-cbs hold %d bytes that differ from the %d sent", calls, len(got), len(want))
 			}
 			s.Close()
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -546,7 +440,7 @@ func TestWrapReadCallbackGetsBytesInOrderAsFreshSlices(t *testing.T) {
 func TestWrapWriteCallbackOnDrain(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			drained := make(chan int, 16)
 			s, err := l.Wrap(mine, nil, nil, asynctcp.OnWrite(func(s *asynctcp.Socket) { drained <- s.Buffered() }))
@@ -554,19 +448,19 @@ func TestWrapWriteCallbackOnDrain(t *testing.T) {
 				t.Fatalf("Wrap: %v", err)
 			}
 			for round := 0; round < 3; round++ {
-				p := wrPattern(64<<10 + round)
+				p := pattern(64<<10 + round)
 				if err := s.WriteData(p); err != nil {
 					t.Fatalf("round %d: WriteData: %v", round, err)
 				}
 				if got := wrReadN(t, peer, len(p), fmt.Sprintf("round %d at the peer", round)); !bytes.Equal(got, p) {
 					t.Fatalf("round %d: the peer got other bytes than written", round)
 				}
-				if n := wrRecv(t, drained, fmt.Sprintf("the write-cb of round %d", round)); n != 0 {
+				if n := waitFor(t, drained, fmt.Sprintf("the write-cb of round %d", round)); n != 0 {
 					t.Errorf("round %d: Buffered() in the write-cb = %d, want 0", round, n)
 				}
 			}
 			s.Close()
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -574,9 +468,9 @@ func TestWrapWriteCallbackOnDrain(t *testing.T) {
 func TestWrapPeerCloseGivesEOFAfterAllData(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
-			want := wrPattern(100 << 10)
+			want := pattern(100 << 10)
 			type atEvent struct {
 				ev  error
 				got int
@@ -602,8 +496,8 @@ func TestWrapPeerCloseGivesEOFAfterAllData(t *testing.T) {
 				t.Fatalf("Wrap: %v", err)
 			}
 			wrote := wrGoWrite(peer, want, 4096, true)
-			at := wrRecv(t, evs, "the EOF event")
-			ev := wrEvent(t, at.ev, asynctcp.ErrTCPEOF, "event after the peer closed")
+			at := waitFor(t, evs, "the EOF event")
+			ev := wantEventIs(t, at.ev, asynctcp.ErrTCPEOF, "event after the peer closed")
 			if at.got != len(want) {
 				t.Errorf("EOF event after %d bytes, want after all %d", at.got, len(want))
 			}
@@ -613,10 +507,10 @@ func TestWrapPeerCloseGivesEOFAfterAllData(t *testing.T) {
 			if ev.Code != -1 {
 				t.Errorf("EOF of a peer that closed has Code %d, want -1 (a reset would set it)", ev.Code)
 			}
-			if err := wrRecv(t, wrote, "the peer's writes"); err != nil {
+			if err := waitFor(t, wrote, "the peer's writes"); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Errorf("Closed() = false after the EOF event and Wait")
 			}
@@ -635,13 +529,13 @@ func TestWrapPeerCloseGivesEOFAfterAllData(t *testing.T) {
 func TestWrapCloseFlushesQueuedOutput(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			s, err := l.Wrap(mine, nil, nil)
 			if err != nil {
 				t.Fatalf("Wrap: %v", err)
 			}
-			want := wrPattern(1 << 20)
+			want := pattern(1 << 20)
 			if err := s.WriteData(want); err != nil {
 				t.Fatalf("WriteData: %v", err)
 			}
@@ -651,14 +545,14 @@ func TestWrapCloseFlushesQueuedOutput(t *testing.T) {
 			if !s.Closed() {
 				t.Errorf("Closed() = false right after Close")
 			}
-			r := wrRecv(t, wrGoReadAll(peer), "the peer's read to EOF")
+			r := waitFor(t, readAllAsync(peer), "the peer's read to EOF")
 			if r.err != nil {
 				t.Errorf("peer read: %v", r.err)
 			}
 			if !bytes.Equal(r.data, want) {
 				t.Errorf("peer got %d bytes, want the %d queued before Close, in order", len(r.data), len(want))
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -666,7 +560,7 @@ func TestWrapCloseFlushesQueuedOutput(t *testing.T) {
 func TestWrapAbortDropsQueuedOutput(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			s, err := l.Wrap(mine, nil, nil)
 			if err != nil {
@@ -684,12 +578,12 @@ func TestWrapAbortDropsQueuedOutput(t *testing.T) {
 			if !s.Closed() {
 				t.Errorf("Closed() = false right after Abort")
 			}
-			r := wrRecv(t, wrGoReadAll(peer), "the peer's read to its end")
+			r := waitFor(t, readAllAsync(peer), "the peer's read to its end")
 			if len(r.data) >= n {
 				t.Errorf("peer got all %d bytes after Abort, want the queued output dropped", len(r.data))
 			}
 			t.Logf("peer got %d of %d bytes, then %v", len(r.data), n, r.err)
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -697,7 +591,7 @@ func TestWrapAbortDropsQueuedOutput(t *testing.T) {
 func TestWrapNoCallbackAfterClose(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			var (
 				closed atomic.Bool // set once Close has returned
@@ -728,7 +622,7 @@ func TestWrapNoCallbackAfterClose(t *testing.T) {
 			stop := make(chan struct{})
 			flooded := make(chan error, 1)
 			go func() {
-				p := wrPattern(4096)
+				p := pattern(4096)
 				for {
 					select {
 					case <-stop:
@@ -736,24 +630,24 @@ func TestWrapNoCallbackAfterClose(t *testing.T) {
 						return
 					default:
 					}
-					peer.SetWriteDeadline(time.Now().Add(wrTimeout))
+					peer.SetWriteDeadline(time.Now().Add(waitTimeout))
 					if _, err := peer.Write(p); err != nil {
 						flooded <- nil
 						return
 					}
 				}
 			}()
-			drained := wrGoReadAll(peer)
-			wrRecv(t, first, "the first read-cb")
+			drained := readAllAsync(peer)
+			waitFor(t, first, "the first read-cb")
 			if err := s.Close(); err != nil {
 				t.Fatalf("Close: %v", err)
 			}
 			closed.Store(true)
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 			close(stop)
 			peer.Close()
-			wrRecv(t, flooded, "the peer's writer to end")
-			wrRecv(t, drained, "the peer's reader to end")
+			waitFor(t, flooded, "the peer's writer to end")
+			waitFor(t, drained, "the peer's reader to end")
 			mu.Lock()
 			defer mu.Unlock()
 			if len(late) > 0 {
@@ -766,7 +660,7 @@ func TestWrapNoCallbackAfterClose(t *testing.T) {
 func TestWrapClosedSocketMethodsReturnSocketClosed(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			s, err := l.Wrap(mine, nil, nil)
 			if err != nil {
@@ -803,11 +697,11 @@ func TestWrapClosedSocketMethodsReturnSocketClosed(t *testing.T) {
 					t.Errorf("%s: event's Socket = %p, want %p", c.name, ev.Socket, s)
 				}
 			}
-			r := wrRecv(t, wrGoReadAll(peer), "the peer's EOF")
+			r := waitFor(t, readAllAsync(peer), "the peer's EOF")
 			if len(r.data) != 0 {
 				t.Errorf("peer got %q after Close, want nothing: writes on a closed socket queue nothing", r.data)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -830,13 +724,13 @@ func TestWrapConcurrentWritersNeverInterleave(t *testing.T) {
 	const writers, perWriter = 16, 40
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			s, err := l.Wrap(mine, nil, nil)
 			if err != nil {
 				t.Fatalf("Wrap: %v", err)
 			}
-			result := wrGoReadAll(peer) // before the writes: a net.Pipe write waits for its reader
+			result := readAllAsync(peer) // before the writes: a net.Pipe write waits for its reader
 			start := make(chan struct{})
 			var wg sync.WaitGroup
 			for w := 0; w < writers; w++ {
@@ -853,11 +747,11 @@ func TestWrapConcurrentWritersNeverInterleave(t *testing.T) {
 				}(w)
 			}
 			close(start)
-			wrWaitGroup(t, &wg, "the 16 writers")
+			waitGroup(t, &wg, "the 16 writers")
 			if err := s.Close(); err != nil {
 				t.Fatalf("Close: %v", err)
 			}
-			r := wrRecv(t, result, "the peer's read to EOF")
+			r := waitFor(t, result, "the peer's read to EOF")
 			if r.err != nil {
 				t.Errorf("peer read: %v", r.err)
 			}
@@ -884,7 +778,7 @@ func TestWrapConcurrentWritersNeverInterleave(t *testing.T) {
 					t.Errorf("writer %d: %d records arrived, want %d", w, n, perWriter)
 				}
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 		})
 	}
 }
@@ -892,9 +786,9 @@ func TestWrapConcurrentWritersNeverInterleave(t *testing.T) {
 func TestWrapDisableEnableReadLosesNothing(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
-			want := wrPattern(256 << 10)
+			want := pattern(256 << 10)
 			var (
 				mu    sync.Mutex
 				got   bytes.Buffer
@@ -942,16 +836,16 @@ func TestWrapDisableEnableReadLosesNothing(t *testing.T) {
 						t.Fatalf("Enable(EvRead): %v", err)
 					}
 				case ev := <-evs:
-					wrEvent(t, ev, asynctcp.ErrTCPEOF, "event after the peer closed")
+					wantEventIs(t, ev, asynctcp.ErrTCPEOF, "event after the peer closed")
 					done = true
-				case <-time.After(wrTimeout):
-					t.Fatalf("timed out after %v waiting for the EOF (toggled %d times)", wrTimeout, toggles)
+				case <-time.After(waitTimeout):
+					t.Fatalf("timed out after %v waiting for the EOF (toggled %d times)", waitTimeout, toggles)
 				}
 			}
-			if err := wrRecv(t, wrote, "the peer's writes"); err != nil {
+			if err := waitFor(t, wrote, "the peer's writes"); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 			mu.Lock()
 			defer mu.Unlock()
 			if toggles == 0 {
@@ -971,7 +865,7 @@ func TestWrapReadTimeoutFires(t *testing.T) {
 	const timeout = 150 * time.Millisecond
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, _ := tr.pair(t)
 			event, evs := wrEvents()
 			start := time.Now()
@@ -979,7 +873,7 @@ func TestWrapReadTimeoutFires(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Wrap: %v", err)
 			}
-			ev := wrEvent(t, wrRecv(t, evs, "the read timeout"), asynctcp.ErrTCPTimeout, "event of a silent peer")
+			ev := wantEventIs(t, waitFor(t, evs, "the read timeout"), asynctcp.ErrTCPTimeout, "event of a silent peer")
 			if elapsed := time.Since(start); elapsed < timeout {
 				t.Errorf("timed out after %v, before the read timeout of %v", elapsed, timeout)
 			}
@@ -989,7 +883,7 @@ func TestWrapReadTimeoutFires(t *testing.T) {
 			if ev.Socket != s {
 				t.Errorf("event's Socket = %p, want %p", ev.Socket, s)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Errorf("Closed() = false after the timeout")
 			}
@@ -1005,7 +899,7 @@ func TestWrapResetIsEOFWithCode(t *testing.T) {
 				t.Logf("rule does not apply: %s", tr.noReset)
 				return
 			}
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			event, evs := wrEvents()
 			s, err := l.Wrap(mine, nil, event)
@@ -1015,7 +909,7 @@ func TestWrapResetIsEOFWithCode(t *testing.T) {
 			if err := tr.reset(peer); err != nil {
 				t.Fatalf("reset: %v", err)
 			}
-			ev := wrEvent(t, wrRecv(t, evs, "the reset's event"), asynctcp.ErrTCPEOF, "event of a reset")
+			ev := wantEventIs(t, waitFor(t, evs, "the reset's event"), asynctcp.ErrTCPEOF, "event of a reset")
 			if ev.Code != int(syscall.ECONNRESET) {
 				t.Errorf("reset's Code = %d, want ECONNRESET (%d)", ev.Code, int(syscall.ECONNRESET))
 			}
@@ -1025,7 +919,7 @@ func TestWrapResetIsEOFWithCode(t *testing.T) {
 			if ev.Socket != s {
 				t.Errorf("event's Socket = %p, want %p", ev.Socket, s)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 			if !s.Closed() {
 				t.Errorf("Closed() = false after the reset")
 			}
@@ -1037,7 +931,7 @@ func TestWrapResetIsEOFWithCode(t *testing.T) {
 func TestWrapStreamReadsAndWrites(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine, peer := tr.pair(t)
 			notified := make(chan struct{}, 1)
 			notify := func(s *asynctcp.Socket, st *asynctcp.Stream) {
@@ -1061,13 +955,13 @@ func TestWrapStreamReadsAndWrites(t *testing.T) {
 				t.Errorf("peer got %q, want %q", got, "hello;")
 			}
 			wrote := wrGoWrite(peer, []byte("ping"), 4, false)
-			wrRecv(t, notified, "the stream's read-cb")
-			st.SetReadDeadline(time.Now().Add(wrTimeout))
+			waitFor(t, notified, "the stream's read-cb")
+			st.SetReadDeadline(time.Now().Add(waitTimeout))
 			buf := make([]byte, 4)
 			if _, err := io.ReadFull(st, buf); err != nil || string(buf) != "ping" {
 				t.Fatalf("Stream.Read = %q, %v; want %q", buf, err, "ping")
 			}
-			if err := wrRecv(t, wrote, "the peer's write"); err != nil {
+			if err := waitFor(t, wrote, "the peer's write"); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
 			done := make(chan error, 1)
@@ -1078,7 +972,7 @@ func TestWrapStreamReadsAndWrites(t *testing.T) {
 			if got := wrReadN(t, peer, 4, "the stream's write at the peer"); string(got) != "pong" {
 				t.Errorf("peer got %q, want %q", got, "pong")
 			}
-			if err := wrRecv(t, done, "Stream.Write"); err != nil {
+			if err := waitFor(t, done, "Stream.Write"); err != nil {
 				t.Fatalf("Stream.Write: %v", err)
 			}
 			wrote = wrGoWrite(peer, []byte("bye"), 3, true)
@@ -1086,14 +980,14 @@ func TestWrapStreamReadsAndWrites(t *testing.T) {
 			if err != nil || string(rest) != "bye" {
 				t.Errorf("Stream read to EOF = %q, %v; want %q, then io.EOF", rest, err, "bye")
 			}
-			wrEvent(t, wrRecv(t, evs, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer closed")
-			if err := wrRecv(t, wrote, "the peer's write"); err != nil {
+			wantEventIs(t, waitFor(t, evs, "the EOF event"), asynctcp.ErrTCPEOF, "event after the peer closed")
+			if err := waitFor(t, wrote, "the peer's write"); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
 			if err := st.Close(); err != nil {
 				t.Errorf("Stream.Close after the peer's EOF = %v, want nil (rule 15)", err)
 			}
-			wrWaitLoop(t, l)
+			waitLoopClean(t, l, waitTimeout)
 			wrNoMore(t, evs)
 		})
 	}
@@ -1129,7 +1023,7 @@ func wrDial(t *testing.T, dial func() (net.Conn, error)) net.Conn {
 func TestServeAcceptedSocketsGetCallbacksAndOptions(t *testing.T) {
 	const timeout = 300 * time.Millisecond
 	wrServeTransports(t, func(t *testing.T, ln net.Listener, dial func() (net.Conn, error)) {
-		l := wrLoop(t)
+		l := newTestLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
 		srv, err := l.Serve(ln, exEcho, event,
@@ -1142,7 +1036,7 @@ func TestServeAcceptedSocketsGetCallbacksAndOptions(t *testing.T) {
 			t.Errorf("Server.Addr = %v, want the listener's %v", srv.Addr(), ln.Addr())
 		}
 		c := wrDial(t, dial)
-		s := wrRecv(t, connected, "the accepted socket's connect-cb")
+		s := waitFor(t, connected, "the accepted socket's connect-cb")
 		if s.Conn() == nil {
 			t.Errorf("Conn() = nil in the connect-cb's socket")
 		}
@@ -1157,24 +1051,24 @@ func TestServeAcceptedSocketsGetCallbacksAndOptions(t *testing.T) {
 		}
 		// The client is silent now: the server's ReadTimeout ends the
 		// accepted socket.
-		ev := wrEvent(t, wrRecv(t, evs, "the accepted socket's read timeout"), asynctcp.ErrTCPTimeout, "event of a silent client")
+		ev := wantEventIs(t, waitFor(t, evs, "the accepted socket's read timeout"), asynctcp.ErrTCPTimeout, "event of a silent client")
 		if ev.Socket != s {
 			t.Errorf("event's Socket = %p, want the accepted socket %p", ev.Socket, s)
 		}
-		if r := wrRecv(t, wrGoReadAll(c), "the client's EOF"); len(r.data) != 0 {
+		if r := waitFor(t, readAllAsync(c), "the client's EOF"); len(r.data) != 0 {
 			t.Errorf("client got %q after the timeout, want the end", r.data)
 		}
 		if err := srv.Close(); err != nil {
 			t.Fatalf("Server.Close: %v", err)
 		}
-		wrWaitLoop(t, l)
+		waitLoopClean(t, l, waitTimeout)
 		wrNoMore(t, evs)
 	})
 }
 
 func TestServeCloseClosesListenerLeavesSocketsRunning(t *testing.T) {
 	wrServeTransports(t, func(t *testing.T, ln net.Listener, dial func() (net.Conn, error)) {
-		l := wrLoop(t)
+		l := newTestLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
 		srv, err := l.Serve(ln, exEcho, event, asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }))
@@ -1182,7 +1076,7 @@ func TestServeCloseClosesListenerLeavesSocketsRunning(t *testing.T) {
 			t.Fatalf("Serve: %v", err)
 		}
 		c := wrDial(t, dial)
-		s := wrRecv(t, connected, "the accepted socket's connect-cb")
+		s := waitFor(t, connected, "the accepted socket's connect-cb")
 		if err := srv.Close(); err != nil {
 			t.Fatalf("Server.Close: %v", err)
 		}
@@ -1206,15 +1100,15 @@ func TestServeCloseClosesListenerLeavesSocketsRunning(t *testing.T) {
 			t.Errorf("echo = %q, want %q", got, "still here")
 		}
 		c.Close()
-		wrEvent(t, wrRecv(t, evs, "the accepted socket's EOF"), asynctcp.ErrTCPEOF, "event after the client closed")
-		wrWaitLoop(t, l)
+		wantEventIs(t, waitFor(t, evs, "the accepted socket's EOF"), asynctcp.ErrTCPEOF, "event after the client closed")
+		waitLoopClean(t, l, waitTimeout)
 		wrNoMore(t, evs)
 	})
 }
 
 func TestServeShutdownWaitsForSockets(t *testing.T) {
 	wrServeTransports(t, func(t *testing.T, ln net.Listener, dial func() (net.Conn, error)) {
-		l := wrLoop(t)
+		l := newTestLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
 		srv, err := l.Serve(ln, nil, event, asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }))
@@ -1222,7 +1116,7 @@ func TestServeShutdownWaitsForSockets(t *testing.T) {
 			t.Fatalf("Serve: %v", err)
 		}
 		c := wrDial(t, dial)
-		s := wrRecv(t, connected, "the accepted socket's connect-cb")
+		s := waitFor(t, connected, "the accepted socket's connect-cb")
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 		err = srv.Shutdown(ctx)
 		cancel()
@@ -1234,25 +1128,25 @@ func TestServeShutdownWaitsForSockets(t *testing.T) {
 		}
 		done := make(chan error, 1)
 		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), wrTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 			defer cancel()
 			done <- srv.Shutdown(ctx)
 		}()
 		c.Close()
-		if err := wrRecv(t, done, "Shutdown after the client closed"); err != nil {
+		if err := waitFor(t, done, "Shutdown after the client closed"); err != nil {
 			t.Errorf("Shutdown = %v, want nil once its socket closed", err)
 		}
 		if !s.Closed() {
 			t.Errorf("Shutdown returned with its socket open")
 		}
-		wrEvent(t, wrRecv(t, evs, "the accepted socket's EOF"), asynctcp.ErrTCPEOF, "event after the client closed")
-		wrWaitLoop(t, l)
+		wantEventIs(t, waitFor(t, evs, "the accepted socket's EOF"), asynctcp.ErrTCPEOF, "event after the client closed")
+		waitLoopClean(t, l, waitTimeout)
 	})
 }
 
 func TestServeStreamEchoes(t *testing.T) {
 	wrServeTransports(t, func(t *testing.T, ln net.Listener, dial func() (net.Conn, error)) {
-		l := wrLoop(t)
+		l := newTestLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
 		echo := func(s *asynctcp.Socket, st *asynctcp.Stream) {
@@ -1276,26 +1170,26 @@ func TestServeStreamEchoes(t *testing.T) {
 			t.Errorf("Server.Addr = %v, want the listener's %v", srv.Addr(), ln.Addr())
 		}
 		c := wrDial(t, dial)
-		wrRecv(t, connected, "the accepted socket's connect-cb")
-		msg := wrPattern(50 << 10)
+		waitFor(t, connected, "the accepted socket's connect-cb")
+		msg := pattern(50 << 10)
 		wrote := wrGoWrite(c, msg, 1000, false)
 		if got := wrReadN(t, c, len(msg), "the echo"); !bytes.Equal(got, msg) {
 			t.Errorf("the echo differs from what was sent")
 		}
-		if err := wrRecv(t, wrote, "the client's writes"); err != nil {
+		if err := waitFor(t, wrote, "the client's writes"); err != nil {
 			t.Fatalf("client write: %v", err)
 		}
 		if st := l.Stats(); st != (asynctcp.Stats{Incoming: 1, Servers: 1}) {
 			t.Errorf("Stats = %+v, want Incoming 1, Servers 1", st)
 		}
 		c.Close()
-		wrEvent(t, wrRecv(t, evs, "the accepted socket's EOF"), asynctcp.ErrTCPEOF, "event after the client closed")
-		ctx, cancel := context.WithTimeout(context.Background(), wrTimeout)
+		wantEventIs(t, waitFor(t, evs, "the accepted socket's EOF"), asynctcp.ErrTCPEOF, "event after the client closed")
+		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {
 			t.Errorf("Shutdown: %v", err)
 		}
-		wrWaitLoop(t, l)
+		waitLoopClean(t, l, waitTimeout)
 		wrNoMore(t, evs)
 	})
 }
@@ -1303,7 +1197,7 @@ func TestServeStreamEchoes(t *testing.T) {
 func TestStatsWrappedCountsWrapSockets(t *testing.T) {
 	for _, tr := range wrTransports() {
 		t.Run(tr.name, func(t *testing.T) {
-			l := wrLoop(t)
+			l := newTestLoop(t)
 			mine1, _ := tr.pair(t)
 			mine2, _ := tr.pair(t)
 			s, err := l.Wrap(mine1, nil, nil)
@@ -1327,7 +1221,7 @@ func TestStatsWrappedCountsWrapSockets(t *testing.T) {
 					t.Fatalf("Serve: %v", err)
 				}
 				wrDial(t, dial)
-				acc = wrRecv(t, connected, "the accepted socket's connect-cb")
+				acc = waitFor(t, connected, "the accepted socket's connect-cb")
 				want = asynctcp.Stats{Wrapped: 2, Incoming: 1, Servers: 1}
 			} else {
 				t.Logf("no Serve: %s", tr.noListener)
@@ -1345,13 +1239,13 @@ func TestStatsWrappedCountsWrapSockets(t *testing.T) {
 				srv.Close()
 				acc.Close()
 			}
-			wrWaitLoop(t, l) // and Stats is zero then
+			waitLoopClean(t, l, waitTimeout) // and Stats is zero then
 		})
 	}
 }
 
 func TestWrapServeMisplacedOptions(t *testing.T) {
-	l := wrLoop(t)
+	l := newTestLoop(t)
 	for _, tr := range wrTransports() {
 		t.Logf("Backlog with %s: %s", tr.name, tr.noBacklog)
 	}
@@ -1467,9 +1361,9 @@ func TestWrapServeMisplacedOptions(t *testing.T) {
 		}
 	}
 	if _, ok := wrongly.Load(d); ok {
-		wrWaitLoop(t, d)
+		waitLoopClean(t, d, waitTimeout)
 	}
-	wrWaitLoop(t, l)
+	waitLoopClean(t, l, waitTimeout)
 
 	// Data belongs on Wrap and WrapStream: it is sent at once.
 	mine, peer := wrPipePair(t)
@@ -1490,5 +1384,5 @@ func TestWrapServeMisplacedOptions(t *testing.T) {
 		t.Errorf("peer got %q, want %q", got, "stream;")
 	}
 	st.Close()
-	wrWaitLoop(t, l)
+	waitLoopClean(t, l, waitTimeout)
 }
