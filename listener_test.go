@@ -22,71 +22,8 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// lsWait bounds every wait of this file.
-const lsWait = 10 * time.Second
-
 // lsQueue is how many connections NewListener holds for Accept (its doc).
 const lsQueue = 64
-
-var errLsFailed = errors.New("listener_test: test failed")
-
-// lsLoop returns a fresh loop; should the test fail before it waited for
-// the loop, a cleanup exits it so that nothing outlives the test.
-func lsLoop(t *testing.T) *asynctcp.Loop {
-	t.Helper()
-	l := &asynctcp.Loop{}
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		l.Exit(errLsFailed)
-		done := make(chan error, 1)
-		go func() { done <- l.Wait() }()
-		select {
-		case <-done:
-		case <-time.After(lsWait):
-			t.Errorf("cleanup: Loop.Wait did not return after Exit (stats %+v)", l.Stats())
-		}
-	})
-	return l
-}
-
-// lsWaitLoop waits for l.Wait, and checks that it left nothing open.
-func lsWaitLoop(t *testing.T, l *asynctcp.Loop) error {
-	t.Helper()
-	done := make(chan error, 1)
-	go func() { done <- l.Wait() }()
-	err := lsRecv(t, done, "Loop.Wait to return")
-	if st := l.Stats(); st != (asynctcp.Stats{}) {
-		t.Errorf("after Wait the loop still counts %+v", st)
-	}
-	return err
-}
-
-// lsRecv receives from ch, failing the test after lsWait.
-func lsRecv[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(lsWait):
-		t.Fatalf("timed out after %v waiting for %s", lsWait, what)
-	}
-	var zero T
-	return zero
-}
-
-// lsEventually polls cond until it holds, failing the test after lsWait.
-func lsEventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(lsWait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", lsWait, what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
 
 // lsListen starts a listener on a free loopback port of l.
 func lsListen(t *testing.T, l *asynctcp.Loop, opts ...asynctcp.Option) net.Listener {
@@ -114,11 +51,11 @@ func lsGoAccept(ln net.Listener) <-chan lsAccepted {
 	return ch
 }
 
-// lsAccept accepts one connection, failing the test after lsWait (the
+// lsAccept accepts one connection, failing the test after waitTimeout (the
 // cleanup's Close ends the Accept then).
 func lsAccept(t *testing.T, ln net.Listener) *asynctcp.Stream {
 	t.Helper()
-	a := lsRecv(t, lsGoAccept(ln), "Accept")
+	a := waitFor(t, lsGoAccept(ln), "Accept")
 	if a.err != nil {
 		t.Fatalf("Accept: %v", a.err)
 	}
@@ -126,20 +63,16 @@ func lsAccept(t *testing.T, ln net.Listener) *asynctcp.Stream {
 	if !ok {
 		t.Fatalf("Accept returned a %T, want *asynctcp.Stream", a.conn)
 	}
-	st.SetDeadline(time.Now().Add(lsWait))
+	st.SetDeadline(time.Now().Add(waitTimeout))
 	return st
 }
 
 // lsDial connects to ln with a deadline on the conn.
 func lsDial(t *testing.T, ln net.Listener) *net.TCPConn {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", ln.Addr().String(), lsWait)
-	if err != nil {
-		t.Fatalf("dial %s: %v", ln.Addr(), err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(lsWait))
-	return c.(*net.TCPConn)
+	c := dialRaw(t, portOf(t, ln.Addr()))
+	c.SetDeadline(time.Now().Add(waitTimeout))
+	return c
 }
 
 // lsWantClosed checks that err is what net's listeners return once
@@ -169,7 +102,7 @@ func lsPeerGone(t *testing.T, c net.Conn, what string) {
 		}
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			t.Fatalf("%s: still open after %v", what, lsWait)
+			t.Fatalf("%s: still open after %v", what, waitTimeout)
 		}
 		return // io.EOF, or a reset of a conn closed with unread input
 	}
@@ -213,11 +146,11 @@ type lsSite struct {
 // lsServeHTTP runs h with net/http's Server.Serve over NewListener.
 func lsServeHTTP(t *testing.T, h http.Handler) *lsSite {
 	t.Helper()
-	site := &lsSite{loop: lsLoop(t), served: make(chan error, 1)}
+	site := &lsSite{loop: newTestLoop(t), served: make(chan error, 1)}
 	site.ln = lsListen(t, site.loop)
 	site.srv = &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: lsWait,
+		ReadHeaderTimeout: waitTimeout,
 		ErrorLog:          log.New(io.Discard, "", 0),
 		ConnState: func(_ net.Conn, s http.ConnState) {
 			if s == http.StateNew {
@@ -232,7 +165,7 @@ func lsServeHTTP(t *testing.T, h http.Handler) *lsSite {
 	go func() { site.served <- site.srv.Serve(site.ln) }()
 	site.url = "http://" + site.ln.Addr().String()
 	site.tr = &http.Transport{MaxIdleConnsPerHost: 32}
-	site.client = &http.Client{Transport: site.tr, Timeout: lsWait}
+	site.client = &http.Client{Transport: site.tr, Timeout: waitTimeout}
 	t.Cleanup(func() {
 		if t.Failed() {
 			site.srv.Close()
@@ -247,16 +180,16 @@ func lsServeHTTP(t *testing.T, h http.Handler) *lsSite {
 // empties, and Serve only ever got *asynctcp.Stream conns.
 func (site *lsSite) shutdown(t *testing.T) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), lsWait)
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
 	if err := site.srv.Shutdown(ctx); err != nil {
 		t.Fatalf("Server.Shutdown: %v", err)
 	}
-	if err := lsRecv(t, site.served, "Server.Serve to return"); !errors.Is(err, http.ErrServerClosed) {
+	if err := waitFor(t, site.served, "Server.Serve to return"); !errors.Is(err, http.ErrServerClosed) {
 		t.Errorf("Server.Serve returned %v, want http.ErrServerClosed", err)
 	}
 	site.tr.CloseIdleConnections()
-	if err := lsWaitLoop(t, site.loop); err != nil {
+	if err := waitLoopEmpty(t, site.loop, waitTimeout); err != nil {
 		t.Errorf("Loop.Wait: %v", err)
 	}
 	site.kinds.Range(func(k, _ any) bool {
@@ -326,7 +259,7 @@ func TestListenerServesConcurrentHTTPRequests(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
-	lsRecv(t, done, fmt.Sprintf("%d requests over %d goroutines", workers*each, workers))
+	waitFor(t, done, fmt.Sprintf("%d requests over %d goroutines", workers*each, workers))
 	if t.Failed() {
 		return
 	}
@@ -405,15 +338,15 @@ func TestListenerHTTPShutdownWaitsForActiveRequests(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		got <- string(b)
 	}()
-	lsRecv(t, entered, "the handler to start")
+	waitFor(t, entered, "the handler to start")
 
-	ctx, cancel := context.WithTimeout(context.Background(), lsWait)
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
 	shut := make(chan error, 1)
 	go func() { shut <- site.srv.Shutdown(ctx) }()
 	// The listener closes at once, while the request still runs: Serve
 	// returns, and so does any Accept.
-	if err := lsRecv(t, site.served, "Serve to return"); !errors.Is(err, http.ErrServerClosed) {
+	if err := waitFor(t, site.served, "Serve to return"); !errors.Is(err, http.ErrServerClosed) {
 		t.Errorf("Serve returned %v, want http.ErrServerClosed", err)
 	}
 	_, err := site.ln.Accept()
@@ -424,18 +357,18 @@ func TestListenerHTTPShutdownWaitsForActiveRequests(t *testing.T) {
 	default:
 	}
 	close(release)
-	if body := lsRecv(t, got, "the response"); body != "finished" {
+	if body := waitFor(t, got, "the response"); body != "finished" {
 		t.Errorf("response %q, want %q", body, "finished")
 	}
-	if err := lsRecv(t, shut, "Shutdown to return"); err != nil {
+	if err := waitFor(t, shut, "Shutdown to return"); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
 	site.tr.CloseIdleConnections()
-	lsWaitLoop(t, site.loop)
+	waitLoopEmpty(t, site.loop, waitTimeout)
 }
 
 func TestListenerAcceptAfterCloseReturnsErrClosed(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	if err := ln.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
@@ -445,23 +378,23 @@ func TestListenerAcceptAfterCloseReturnsErrClosed(t *testing.T) {
 		t.Errorf("Accept after Close returned a conn %v", c)
 	}
 	lsWantClosed(t, err, "Accept", ln)
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerCloseEndsPendingAccept(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	pending := lsGoAccept(ln)
 	if err := ln.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	a := lsRecv(t, pending, "the pending Accept to return after Close")
+	a := waitFor(t, pending, "the pending Accept to return after Close")
 	lsWantClosed(t, a.err, "Accept", ln)
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerCloseTwiceReturnsErrClosed(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	if err := ln.Close(); err != nil {
 		t.Fatalf("first Close: %v", err)
@@ -469,11 +402,11 @@ func TestListenerCloseTwiceReturnsErrClosed(t *testing.T) {
 	lsWantClosed(t, ln.Close(), "Close", ln)
 	_, err := ln.Accept()
 	lsWantClosed(t, err, "Accept", ln)
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerAddrIsTheBoundAddress(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	addr, ok := ln.Addr().(*net.TCPAddr)
 	if !ok || !addr.IP.Equal(net.IPv4(127, 0, 0, 1)) || addr.Port == 0 {
@@ -489,14 +422,14 @@ func TestListenerAddrIsTheBoundAddress(t *testing.T) {
 	if ln.Addr().String() != addr.String() {
 		t.Errorf("Addr() after Close = %v, want %v", ln.Addr(), addr)
 	}
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 // TestListenerStreamIsAConn exchanges bytes both ways over an accepted
 // stream, with the peer's half-close: the stream reads io.EOF and can
 // still answer, as a net.Conn does.
 func TestListenerStreamIsAConn(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	c := lsDial(t, ln)
 	st := lsAccept(t, ln)
@@ -523,11 +456,11 @@ func TestListenerStreamIsAConn(t *testing.T) {
 		t.Fatalf("client read %q, %v", reply, err)
 	}
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerCloseClosesStreamsNotYetAccepted(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	up := make(chan *asynctcp.Socket, 8)
 	ln := lsListen(t, l, asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s }))
 	const n = 5
@@ -539,7 +472,7 @@ func TestListenerCloseClosesStreamsNotYetAccepted(t *testing.T) {
 		}
 	}
 	for i := 0; i < n; i++ {
-		lsRecv(t, up, "the server to accept every client")
+		waitFor(t, up, "the server to accept every client")
 	}
 	if err := ln.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
@@ -547,11 +480,11 @@ func TestListenerCloseClosesStreamsNotYetAccepted(t *testing.T) {
 	for i, c := range clients {
 		lsPeerGone(t, c, fmt.Sprintf("client %d, never taken by Accept", i))
 	}
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerCloseLeavesAcceptedStreamsOpen(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	c := lsDial(t, ln)
 	st := lsAccept(t, ln)
@@ -572,7 +505,7 @@ func TestListenerCloseLeavesAcceptedStreamsOpen(t *testing.T) {
 		t.Fatalf("client read %q, %v", buf, err)
 	}
 	st.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 // TestListenerQueueFullHoldsBackAndLosesNothing dials more clients than
@@ -580,7 +513,7 @@ func TestListenerCloseLeavesAcceptedStreamsOpen(t *testing.T) {
 // bound (the rest wait in the kernel's backlog), and Accept then returns
 // every client, each once.
 func TestListenerQueueFullHoldsBackAndLosesNothing(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	var up atomic.Int32
 	queued := make(chan struct{})
 	ln := lsListen(t, l, asynctcp.OnConnect(func(*asynctcp.Socket) {
@@ -596,7 +529,7 @@ func TestListenerQueueFullHoldsBackAndLosesNothing(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	lsRecv(t, queued, fmt.Sprintf("%d connections to wait for Accept", lsQueue))
+	waitFor(t, queued, fmt.Sprintf("%d connections to wait for Accept", lsQueue))
 	if st := l.Stats(); st.Incoming != lsQueue {
 		t.Errorf("with the queue full and no Accept, the loop holds %d sockets, want %d", st.Incoming, lsQueue)
 	}
@@ -625,11 +558,11 @@ func TestListenerQueueFullHoldsBackAndLosesNothing(t *testing.T) {
 		t.Errorf("OnConnect ran %d times, want %d", got, n)
 	}
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerOnConnectRunsBeforeAccept(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		s.SetData("greeted")
 		s.WriteData([]byte("welcome"))
@@ -645,13 +578,13 @@ func TestListenerOnConnectRunsBeforeAccept(t *testing.T) {
 	}
 	st.Close()
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 // TestListenerOnConnectCloseSkipsAccept: a socket that OnConnect closes is
 // not handed to Accept, and frees its place in the queue.
 func TestListenerOnConnectCloseSkipsAccept(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	var refused atomic.Int32
 	ln := lsListen(t, l, asynctcp.OnConnect(func(s *asynctcp.Socket) {
 		if refused.Add(1) <= lsQueue+1 {
@@ -668,13 +601,13 @@ func TestListenerOnConnectCloseSkipsAccept(t *testing.T) {
 	}
 	st.Close()
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 // TestListenerStreamReportsItsTimeout: events of an accepted socket come
 // back from the stream's Read, as a net.Conn's errors do.
 func TestListenerStreamReportsItsTimeout(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l, asynctcp.ReadTimeout(50*time.Millisecond))
 	c := lsDial(t, ln)
 	st := lsAccept(t, ln)
@@ -687,17 +620,17 @@ func TestListenerStreamReportsItsTimeout(t *testing.T) {
 		t.Errorf("Stream.Close after the socket timed out: %v, want nil as net.Conn gives", err)
 	}
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestListenerLoopExitClosesIt(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	ln := lsListen(t, l)
 	pending := lsGoAccept(ln)
 	stop := errors.New("stop")
 	l.Exit(stop)
-	lsWantClosed(t, lsRecv(t, pending, "Accept to return after Loop.Exit").err, "Accept", ln)
-	if err := lsWaitLoop(t, l); err != stop {
+	lsWantClosed(t, waitFor(t, pending, "Accept to return after Loop.Exit").err, "Accept", ln)
+	if err := waitLoopEmpty(t, l, waitTimeout); err != stop {
 		t.Errorf("Loop.Wait = %v, want the value given to Exit", err)
 	}
 	if err := ln.Close(); err != nil {
@@ -706,16 +639,16 @@ func TestListenerLoopExitClosesIt(t *testing.T) {
 }
 
 func TestListenerTLSHandshakesBeforeAccept(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	server, client := lsCert(t)
 	ln := lsListen(t, l, asynctcp.TLS(server))
-	d := &net.Dialer{Timeout: lsWait}
+	d := &net.Dialer{Timeout: waitTimeout}
 	tc, err := tls.DialWithDialer(d, "tcp", ln.Addr().String(), client)
 	if err != nil {
 		t.Fatalf("TLS dial: %v", err)
 	}
 	defer tc.Close()
-	tc.SetDeadline(time.Now().Add(lsWait))
+	tc.SetDeadline(time.Now().Add(waitTimeout))
 	st := lsAccept(t, ln)
 	if _, ok := st.Socket().Conn().(*tls.Conn); !ok {
 		t.Errorf("the accepted socket's Conn() is a %T, want *tls.Conn", st.Socket().Conn())
@@ -729,14 +662,14 @@ func TestListenerTLSHandshakesBeforeAccept(t *testing.T) {
 	}
 	st.Close()
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 // TestListenerFailedHandshakesFreeTheirPlaces: more failed TLS handshakes
 // than the queue holds go to the loop's EventHandler, and the listener
 // still accepts after them.
 func TestListenerFailedHandshakesFreeTheirPlaces(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	failures := make(chan error, 2*lsQueue)
 	l.EventHandler = func(ev error) { failures <- ev }
 	server, client := lsCert(t)
@@ -747,38 +680,38 @@ func TestListenerFailedHandshakesFreeTheirPlaces(t *testing.T) {
 		c.Write([]byte("GET / HTTP/1.0\r\n\r\n")) // not a TLS client
 	}
 	for i := 0; i < n; i++ {
-		ev := lsRecv(t, failures, fmt.Sprintf("handshake failure %d of %d", i+1, n))
+		ev := waitFor(t, failures, fmt.Sprintf("handshake failure %d of %d", i+1, n))
 		if !errors.Is(ev, asynctcp.ErrTCPError) {
 			t.Errorf("handshake failure: %v, want an ErrTCPError event", ev)
 		}
 	}
-	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: lsWait}, "tcp", ln.Addr().String(), client)
+	tc, err := tls.DialWithDialer(&net.Dialer{Timeout: waitTimeout}, "tcp", ln.Addr().String(), client)
 	if err != nil {
 		t.Fatalf("TLS dial after the failures: %v", err)
 	}
 	defer tc.Close()
 	lsAccept(t, ln).Close()
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 // TestListenerCloseAbortsHandshakingConnections: a client that never
 // finishes its TLS handshake is closed by Close.
 func TestListenerCloseAbortsHandshakingConnections(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	server, _ := lsCert(t)
 	ln := lsListen(t, l, asynctcp.TLS(server))
 	c := lsDial(t, ln) // sends nothing
-	lsEventually(t, "the server to accept the silent client", func() bool { return l.Stats().Incoming == 1 })
+	eventually(t, "the server to accept the silent client", func() bool { return l.Stats().Incoming == 1 })
 	if err := ln.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	lsPeerGone(t, c, "a client in its handshake")
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestNewListenerRejectsOptionsThatDoNotApply(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	for _, tc := range []struct {
 		opt  asynctcp.Option
 		want string
@@ -807,11 +740,11 @@ func TestNewListenerRejectsOptionsThatDoNotApply(t *testing.T) {
 	if _, err := l.NewListener("127.0.0.1", 65536); err == nil || !strings.Contains(err.Error(), "65536") {
 		t.Errorf("NewListener on port 65536: %v, want an error naming the port", err)
 	}
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestNewListenerTakesListenStreamOptions(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	server, _ := lsCert(t)
 	ln, err := l.NewListener("127.0.0.1", 0,
 		asynctcp.Backlog(16), asynctcp.TLS(server), asynctcp.ReadTimeout(time.Minute),
@@ -826,11 +759,11 @@ func TestNewListenerTakesListenStreamOptions(t *testing.T) {
 		t.Errorf("Stats() = %+v, want the listener counted as a server", st)
 	}
 	ln.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
 
 func TestNewListenerBindFailureIsAddressInUse(t *testing.T) {
-	l := lsLoop(t)
+	l := newTestLoop(t)
 	taken := lsListen(t, l)
 	port := taken.Addr().(*net.TCPAddr).Port
 	ln, err := l.NewListener("127.0.0.1", port)
@@ -842,5 +775,5 @@ func TestNewListenerBindFailureIsAddressInUse(t *testing.T) {
 		t.Errorf("NewListener on a taken port: %v, want ErrAddressInUse", err)
 	}
 	taken.Close()
-	lsWaitLoop(t, l)
+	waitLoopEmpty(t, l, waitTimeout)
 }
