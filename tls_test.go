@@ -876,7 +876,7 @@ func TestDialerLocalAddr(t *testing.T) {
 		t.Fatalf("Listen: %v", err)
 	}
 	defer srv.Close()
-	local := tlFreeAddr(t)
+	local := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: closedPort(t)}
 	fromClient := make(chan string, 1)
 	events := newEventRecorder()
 	_, err = l.Connect("127.0.0.1", portOf(t, srv.Addr()), nil, events.cb,
@@ -899,18 +899,6 @@ func TestDialerLocalAddr(t *testing.T) {
 	if n := events.n.Load(); n != 0 {
 		t.Errorf("the client got %d events: %v", n, <-events.ch)
 	}
-}
-
-// tlFreeAddr returns a loopback TCP address that nothing uses right now.
-func tlFreeAddr(t *testing.T) *net.TCPAddr {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().(*net.TCPAddr)
-	ln.Close()
-	return addr
 }
 
 // TestDialerTimeout: the Dialer's Timeout bounds the connect, whichever
