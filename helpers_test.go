@@ -38,9 +38,7 @@ const waitTimeout = 10 * time.Second
 // errTestFailed is the error with which a failed test's cleanup exits its loop.
 var errTestFailed = errors.New("asynctcp_test: test failed")
 
-// newTestLoop returns a fresh loop. Should the test fail before it has
-// waited for the loop, a cleanup exits the loop so that its goroutines do
-// not outlive the test.
+// newTestLoop returns a fresh loop, which a cleanup exits should the test fail before waiting for it.
 func newTestLoop(t *testing.T) *asynctcp.Loop {
 	t.Helper()
 	l := &asynctcp.Loop{}
@@ -85,8 +83,7 @@ func waitLoopNil(t *testing.T, l *asynctcp.Loop, d time.Duration) {
 	}
 }
 
-// waitLoopEmpty waits for l.Wait like waitLoop, then fails the test unless
-// every count of l.Stats is zero; it returns what Wait returned.
+// waitLoopEmpty is waitLoop that also fails the test unless every count of l.Stats is zero after Wait.
 func waitLoopEmpty(t *testing.T, l *asynctcp.Loop, d time.Duration) error {
 	t.Helper()
 	err := waitLoop(t, l, d)
@@ -96,8 +93,7 @@ func waitLoopEmpty(t *testing.T, l *asynctcp.Loop, d time.Duration) error {
 	return err
 }
 
-// waitLoopClean waits for l.Wait, which must return nil within d and leave
-// every count of l.Stats at zero.
+// waitLoopClean waits for l.Wait, which must return nil within d and leave every count of l.Stats zero.
 func waitLoopClean(t *testing.T, l *asynctcp.Loop, d time.Duration) {
 	t.Helper()
 	if err := waitLoopEmpty(t, l, d); err != nil {
@@ -124,8 +120,7 @@ func waitForWithin[T any](t *testing.T, ch <-chan T, d time.Duration, what strin
 	return zero
 }
 
-// expectNone fails the test if ch delivers anything within d: the bounded
-// wait of a test that expects nothing to happen (or a call to stay blocked).
+// expectNone fails the test if ch delivers anything within d (nothing may happen, a call must stay blocked).
 func expectNone[T any](t *testing.T, ch <-chan T, d time.Duration, what string) {
 	t.Helper()
 	select {
@@ -164,8 +159,7 @@ func eventuallyWithin(t *testing.T, d time.Duration, what string, cond func() bo
 	}
 }
 
-// goOwned runs f in a goroutine that the test owns: when the test ends, the
-// closers are closed (which unblocks f) and the goroutine is waited for.
+// goOwned runs f in a goroutine that the test's cleanup unblocks (closing closers) and waits for.
 func goOwned(t *testing.T, what string, f func(), closers ...io.Closer) {
 	t.Helper()
 	done := make(chan struct{})
@@ -199,8 +193,7 @@ type eventRecorder struct {
 	ch chan error
 }
 
-// newEventRecorder returns a recorder whose channel holds 64 events; later
-// ones are counted but not forwarded.
+// newEventRecorder returns a recorder that holds up to 64 unread events; later ones are only counted.
 func newEventRecorder() *eventRecorder {
 	return &eventRecorder{ch: make(chan error, 64)}
 }
@@ -234,8 +227,7 @@ func wantClass(t *testing.T, err error, c error, what string) *asynctcp.Event {
 	return ev
 }
 
-// wantEventIs fails the test unless err is an *asynctcp.Event that
-// errors.Is reports as c: of class c or of a class below it.
+// wantEventIs fails the test unless err is an *asynctcp.Event of class c or of a class below it.
 func wantEventIs(t *testing.T, err error, c error, what string) *asynctcp.Event {
 	t.Helper()
 	var ev *asynctcp.Event
@@ -248,8 +240,7 @@ func wantEventIs(t *testing.T, err error, c error, what string) *asynctcp.Event 
 	return ev
 }
 
-// wantSocketClosed fails the test unless err is the ErrSocketClosed event
-// of s.
+// wantSocketClosed fails the test unless err is the ErrSocketClosed event of s.
 func wantSocketClosed(t *testing.T, err error, s *asynctcp.Socket, what string) {
 	t.Helper()
 	ev := wantClass(t, err, asynctcp.ErrSocketClosed, what)
@@ -303,9 +294,7 @@ func listenRaw(t *testing.T) (net.Listener, int) {
 	return ln, portOf(t, ln.Addr())
 }
 
-// acceptRaw accepts one connection on a raw peer listener, with a deadline.
-// The peer keeps a small receive buffer so that a peer that does not read
-// holds back the sender after a few hundred KiB.
+// acceptRaw accepts one raw peer connection, with a deadline, and shrinks its receive buffer to 256 KiB.
 func acceptRaw(t *testing.T, ln net.Listener) *net.TCPConn {
 	t.Helper()
 	tc := acceptRawKeepBuf(t, ln)
@@ -313,8 +302,7 @@ func acceptRaw(t *testing.T, ln net.Listener) *net.TCPConn {
 	return tc
 }
 
-// acceptRawKeepBuf is acceptRaw that leaves the receive buffer as the
-// listener made it, for tests that size it on the listener.
+// acceptRawKeepBuf is acceptRaw that keeps the receive buffer the listener gave the connection.
 func acceptRawKeepBuf(t *testing.T, ln net.Listener) *net.TCPConn {
 	t.Helper()
 	ln.(*net.TCPListener).SetDeadline(time.Now().Add(waitTimeout))
@@ -349,8 +337,7 @@ func closedPort(t *testing.T) int {
 	return port
 }
 
-// readResult is what readAllAsync read, and the error that ended it (nil at
-// EOF).
+// readResult is what readAllAsync read, and the error that ended it (nil at EOF).
 type readResult struct {
 	data []byte
 	err  error
@@ -367,8 +354,7 @@ func readAllAsync(c net.Conn) <-chan readResult {
 	return ch
 }
 
-// heldDialer returns a dialer whose connect attempts wait until release is
-// called, so that a test acts on a socket known not to be connected yet.
+// heldDialer returns a dialer whose connect attempts wait until release is called.
 func heldDialer(t *testing.T) (d *net.Dialer, release func()) {
 	t.Helper()
 	ch := make(chan struct{})
@@ -407,16 +393,13 @@ var patternTable = sync.OnceValue(func() []byte {
 	return b
 })
 
-// patternAt returns bytes off to off+n (n <= 1 MiB) of the stream whose byte
-// i is byte(i % 251), so that a lost, repeated or reordered chunk shows. The
-// bytes are shared: the caller must not modify them.
+// patternAt returns bytes off to off+n (n <= 1 MiB) of the stream byte(i % 251); shared, read-only.
 func patternAt(off, n int) []byte {
 	o := off % patternPeriod
 	return patternTable()[o : o+n : o+n]
 }
 
-// makePatternAt returns bytes off to off+n of the patternAt stream, freshly
-// made (any n).
+// makePatternAt returns a fresh copy of bytes off to off+n of the patternAt stream, for any n.
 func makePatternAt(off, n int) []byte {
 	b := make([]byte, n)
 	for i := 0; i < n; i += 1 << 20 {
@@ -437,8 +420,7 @@ func isPatternAt(off int, p []byte) bool {
 	return true
 }
 
-// firstDiff returns the first offset where a and b differ (or the length of
-// the shorter).
+// firstDiff returns the first offset where a and b differ, or the length of the shorter.
 func firstDiff(a, b []byte) int {
 	n := min(len(a), len(b))
 	for i := 0; i < n; i++ {
@@ -485,15 +467,13 @@ func (b *syncBuffer) String() string {
 	return b.b.String()
 }
 
-// verifyNoGoroutines checks, in a test that is not parallel, that no
-// goroutine is left but those that ran before it.
+// verifyNoGoroutines fails a non-parallel test if a goroutine is left but those in before.
 func verifyNoGoroutines(t *testing.T, before goleak.Option) {
 	t.Helper()
 	goleak.VerifyNone(t, before)
 }
 
-// newSelfSigned makes a self-signed ECDSA certificate for 127.0.0.1 and
-// localhost, and a pool that trusts it.
+// newSelfSigned makes a self-signed ECDSA certificate for 127.0.0.1 and localhost, and a pool trusting it.
 func newSelfSigned() (tls.Certificate, *x509.CertPool, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
