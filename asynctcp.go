@@ -77,17 +77,16 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"strconv"
-	"sync"
 	"time"
 )
 
 // ReadFunc is a read-cb: it gets the bytes read from the socket. data is a
-// fresh slice that the callee may keep. It is nil where the socket does not
-// drain its input (DontDrainReadBuffer): the bytes wait in the socket's
-// input buffer, to be read with a Stream.
+// fresh slice that the callee may keep, except with ReuseReadBuffer, where
+// it is the socket's read buffer, lent until the read-cb returns. It is nil
+// where the socket does not drain its input (DontDrainReadBuffer): the
+// bytes wait in the socket's input buffer, to be read with a Stream.
 type ReadFunc func(s *Socket, data []byte)
 
 // StreamFunc is a read-cb in stream mode: it is told that st has bytes to
@@ -165,10 +164,11 @@ func (c call) String() string {
 // Connect* and Listen* only (wrap a *tls.Conn or serve a tls.NewListener
 // instead).
 type Option struct {
-	name  string
-	where call
-	err   error // a bad value, reported by the call that gets it
-	apply func(*config)
+	name    string
+	where   call
+	err     error // a bad value, reported by the call that gets it
+	notices bool  // it makes events reach the event-cb that would not otherwise
+	apply   func(*config)
 }
 
 // config gathers what a call's options set.
@@ -275,7 +275,8 @@ func checkTimeout(d time.Duration) error {
 
 // DontDrainReadBuffer is :dont-drain-read-buffer t: received bytes stay in
 // the socket's input buffer, to be read through a Stream (NewStream); the
-// read-cb is a notification and gets nil data (Connect, Listen).
+// read-cb is a notification and gets nil data (Connect, Listen, Wrap,
+// Serve: the stream-mode calls keep their input so anyway).
 func DontDrainReadBuffer() Option {
 	return Option{name: "DontDrainReadBuffer", where: sockets, apply: func(c *config) { c.dontDrain = true }}
 }
@@ -355,8 +356,9 @@ func AllowHalfOpen() Option {
 // a fresh slice: data is valid only until the read-cb returns, and the
 // read-cb must copy what it keeps (WriteData copies). It spares one
 // allocation per read, and the garbage collection it drives, where a
-// socket moves bulk data (a proxy, an echo). It does not apply in stream
-// mode (Connect, Listen, Wrap, Serve).
+// socket moves bulk data (a proxy, an echo). It applies to Connect, Send,
+// Listen, Wrap and Serve; the stream-mode calls refuse it, and with
+// DontDrainReadBuffer there is no data to lend.
 func ReuseReadBuffer() Option {
 	return Option{name: "ReuseReadBuffer", where: callConnect | callListen | callWrap | callServe, apply: func(c *config) { c.reuse = true }}
 }
@@ -367,7 +369,7 @@ func ReuseReadBuffer() Option {
 // event-cb runs, so an Enable inside it holds); Enable re-arms it. A
 // connect timeout still ends the socket.
 func NotifyTimeouts() Option {
-	return Option{name: "NotifyTimeouts", where: sockets, apply: func(c *config) { c.notifyTimeouts = true }}
+	return Option{name: "NotifyTimeouts", where: sockets, notices: true, apply: func(c *config) { c.notifyTimeouts = true }}
 }
 
 // Connect opens a TCP connection to host (a name or an address) and port on
@@ -398,227 +400,6 @@ func Listen(bindAddress string, port int, read ReadFunc, event EventFunc, opts .
 // Loop.ListenStream.
 func ListenStream(bindAddress string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return DefaultLoop.ListenStream(bindAddress, port, read, event, opts...)
-}
-
-// Loop plays the part of cl-async's event loop: it owns sockets and
-// servers, holds the default event handler and the loop-wide settings, and
-// Wait returns once all of them are closed. The zero value is ready to use;
-// set the fields before the loop's first socket or server.
-type Loop struct {
-	// EventHandler is *default-event-handler*: it gets the events of
-	// sockets and servers whose event-cb is nil. Where it is nil too,
-	// error-class events are logged on Logger and info-class events
-	// (tcp-eof) are dropped.
-	EventHandler EventFunc
-	// CatchAppErrors is *catch-application-errors*: a panic in a callback
-	// is recovered and passed as a *PanicError to the socket's event-cb,
-	// and the socket is aborted. Off, the panic propagates.
-	CatchAppErrors bool
-	// Serial makes every callback of the loop's sockets and servers run
-	// one at a time, as on cl-async's single-threaded loop.
-	Serial bool
-	// Logger logs the events no callback takes; nil means slog.Default().
-	Logger *slog.Logger
-
-	mu      sync.Mutex
-	sockets map[*Socket]struct{}
-	servers map[*Server]struct{}
-	idle    chan struct{} // closed when the last socket or server ends
-	exitErr error
-	serial  sync.Mutex // held around each callback when Serial
-}
-
-// DefaultLoop is the loop of the package-level functions.
-var DefaultLoop = &Loop{}
-
-// Stats counts a loop's open sockets and servers.
-type Stats struct {
-	Incoming int // sockets accepted by a server, open
-	Outgoing int // sockets made by Connect, open (connecting included)
-	Wrapped  int // sockets made by Wrap, open
-	Servers  int // servers open
-}
-
-// Stats returns the numbers of the loop's open sockets and servers. A
-// socket counts until its connection is closed and its goroutines ended.
-func (l *Loop) Stats() Stats {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	st := Stats{Servers: len(l.servers)}
-	for s := range l.sockets {
-		switch {
-		case s.server != nil:
-			st.Incoming++
-		case s.wrapped:
-			st.Wrapped++
-		default:
-			st.Outgoing++
-		}
-	}
-	return st
-}
-
-// Wait blocks until the loop has no open socket or server, and returns nil,
-// or the value given to Exit if Exit ended them. It returns at once if the
-// loop has nothing open. When it returns, the goroutines of every socket
-// and server of the loop have ended.
-func (l *Loop) Wait() error {
-	l.mu.Lock()
-	for len(l.sockets)+len(l.servers) > 0 {
-		if l.idle == nil {
-			l.idle = make(chan struct{})
-		}
-		idle := l.idle
-		l.mu.Unlock()
-		<-idle
-		l.mu.Lock()
-	}
-	err := l.exitErr
-	l.mu.Unlock()
-	return err
-}
-
-// Exit is exit-event-loop: it aborts every socket of the loop (no event
-// reaches their callbacks) and closes every server; Wait returns err once
-// they have ended. The loop may be used again after.
-func (l *Loop) Exit(err error) {
-	l.mu.Lock()
-	l.exitErr = err
-	srvs := make([]*Server, 0, len(l.servers))
-	for srv := range l.servers {
-		srvs = append(srvs, srv)
-	}
-	l.mu.Unlock()
-	// Servers first, so that none accepts a socket the aborts would miss.
-	for _, srv := range srvs {
-		srv.Close()
-	}
-	l.mu.Lock()
-	socks := make([]*Socket, 0, len(l.sockets))
-	for s := range l.sockets {
-		socks = append(socks, s)
-	}
-	l.mu.Unlock()
-	// Close them all before aborting any, so that no socket sees another's
-	// abort as an event.
-	for _, s := range socks {
-		s.mu.Lock()
-		s.closed = true
-		s.mu.Unlock()
-	}
-	for _, s := range socks {
-		s.Abort()
-	}
-}
-
-// addSocket and the other three keep the loop's books; the first thing
-// opened after the loop was idle clears a previous Exit's value.
-func (l *Loop) addSocket(s *Socket) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.wake()
-	if l.sockets == nil {
-		l.sockets = make(map[*Socket]struct{})
-	}
-	l.sockets[s] = struct{}{}
-}
-
-func (l *Loop) addServer(srv *Server) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.wake()
-	if l.servers == nil {
-		l.servers = make(map[*Server]struct{})
-	}
-	l.servers[srv] = struct{}{}
-}
-
-// wake forgets an Exit value once the loop, idle again, gets new work.
-func (l *Loop) wake() {
-	if len(l.sockets)+len(l.servers) == 0 {
-		l.exitErr = nil
-	}
-}
-
-func (l *Loop) removeSocket(s *Socket) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	delete(l.sockets, s)
-	l.settle()
-}
-
-func (l *Loop) removeServer(srv *Server) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	delete(l.servers, srv)
-	l.settle()
-}
-
-func (l *Loop) settle() {
-	if len(l.sockets)+len(l.servers) == 0 && l.idle != nil {
-		close(l.idle)
-		l.idle = nil
-	}
-}
-
-// run calls a user callback under the loop's rules: one at a time with
-// Serial, and with CatchAppErrors the panic comes back as a *PanicError.
-func (l *Loop) run(f func(), s *Socket) (pe *PanicError) {
-	if l.Serial {
-		l.serial.Lock()
-		defer l.serial.Unlock()
-	}
-	if l.CatchAppErrors {
-		defer func() {
-			if v := recover(); v != nil {
-				pe = newPanicError(v, s)
-			}
-		}()
-	}
-	f()
-	return nil
-}
-
-// handle gives ev to the loop's EventHandler, or logs it when there is none
-// and ev is of the error class. A panic in the handler is logged.
-func (l *Loop) handle(ev error) {
-	if h := l.EventHandler; h != nil {
-		if pe := l.run(func() { h(ev) }, socketOf(ev)); pe != nil {
-			l.log(pe)
-		}
-		return
-	}
-	l.log(ev)
-}
-
-func (l *Loop) log(ev error) {
-	var pe *PanicError
-	if errors.As(ev, &pe) {
-		l.logger().Error("asynctcp: callback panicked", "panic", pe.Value, "stack", string(pe.Stack))
-		return
-	}
-	if errors.Is(ev, ErrConnectionError) {
-		l.logger().Error("asynctcp: unhandled event", "event", ev)
-	}
-}
-
-func (l *Loop) logger() *slog.Logger {
-	if l.Logger != nil {
-		return l.Logger
-	}
-	return slog.Default()
-}
-
-func socketOf(ev error) *Socket {
-	var e *Event
-	if errors.As(ev, &e) {
-		return e.Socket
-	}
-	var pe *PanicError
-	if errors.As(ev, &pe) {
-		return pe.Socket
-	}
-	return nil
 }
 
 // Connect is tcp-connect: it opens a TCP connection to host (a name or an

@@ -289,12 +289,14 @@ func TestWritableFollowsHighWatermark(t *testing.T) {
 // TestWriteWatermarksLowRunsWriteCbAtLow: with a low watermark the write-cb
 // runs as soon as a write takes the output from above low to low or below,
 // not only once it is empty; with the default (low 0) only when it is
-// empty (rule 4). A is taken by the writer and held up by a slow peer; B
-// is queued behind it with writing disabled, so that A's completion leaves
-// exactly len(B) queued; then D is written to show the count.
+// empty (rule 4). A is taken by the writer in one batch (a batch is at
+// most 256 KiB, so that Disable(EvWrite) holds within one) and held up by a
+// slow peer; B is queued behind it with writing disabled, so that A's
+// completion leaves exactly len(B) queued; then D is written to show the
+// count.
 func TestWriteWatermarksLowRunsWriteCbAtLow(t *testing.T) {
 	const (
-		lenA = 4 << 20
+		lenA = 256 << 10
 		lenB = 32 << 10
 		lenD = 128 << 10
 	)

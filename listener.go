@@ -92,13 +92,14 @@ func (l *Loop) NewListener(bindAddress string, port int, opts ...Option) (net.Li
 }
 
 // listenerConfig checks opts as ListenStream does, naming NewListener in
-// its errors, and refuses NotifyTimeouts.
+// its errors, and refuses the options that send notices to an event-cb
+// (NotifyTimeouts): a listener's sockets have none.
 func listenerConfig(opts []Option) (*config, error) {
 	for _, o := range opts {
 		switch {
 		case o.apply == nil:
 			return nil, errors.New("asynctcp: NewListener: zero Option (build options with the option functions)")
-		case o.where&callListenStream == 0, o.name == "NotifyTimeouts":
+		case o.where&callListenStream == 0, o.notices:
 			return nil, fmt.Errorf("asynctcp: option %s does not apply to NewListener", o.name)
 		}
 	}

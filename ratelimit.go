@@ -154,15 +154,61 @@ func quota(lims []*limit, want int, now time.Time) (int, time.Duration) {
 	return n, 0
 }
 
-// spend takes n bytes' tokens from each limit.
-func spend(lims []*limit, n int) {
-	if n <= 0 {
+// retryWait is how long a socket waits where another member of its group
+// took the tokens it counted on.
+const retryWait = time.Millisecond
+
+// grant is the tokens take reserved for one read or write: n bytes' worth
+// from each limiter.
+type grant struct {
+	n  int
+	rs []reservation
+}
+
+type reservation struct {
+	lim *rate.Limiter
+	r   *rate.Reservation
+}
+
+// take reserves, from every limit at once, the tokens for up to want bytes
+// (quota says how many), so that two sockets of a group never count the
+// same tokens; or it says how long to wait first. Without limits it
+// grants want and costs nothing.
+func take(lims []*limit, want int, now time.Time) (int, grant, time.Duration) {
+	if len(lims) == 0 {
+		return want, grant{}, 0
+	}
+	n, wait := quota(lims, want, now)
+	if wait > 0 {
+		return 0, grant{}, wait
+	}
+	g := grant{n: n}
+	for _, l := range lims {
+		if l.lim.Limit() == rate.Inf {
+			continue
+		}
+		r := l.lim.ReserveN(now, n)
+		if !r.OK() || r.DelayFrom(now) > 0 { // taken meanwhile
+			r.CancelAt(now)
+			g.settle(0)
+			return 0, grant{}, retryWait
+		}
+		g.rs = append(g.rs, reservation{l.lim, r})
+	}
+	return n, g, 0
+}
+
+// settle gives back the tokens of the bytes a read or write reserved and
+// did not use.
+func (g grant) settle(used int) {
+	if len(g.rs) == 0 || used >= g.n {
 		return
 	}
 	now := time.Now()
-	for _, l := range lims {
-		if l.lim.Limit() != rate.Inf {
-			l.lim.ReserveN(now, n)
+	for _, res := range g.rs {
+		res.r.CancelAt(now)
+		if used > 0 {
+			res.lim.ReserveN(now, used)
 		}
 	}
 }

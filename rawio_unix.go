@@ -3,6 +3,7 @@
 package asynctcp
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -77,7 +78,7 @@ func (r *rawIO) readSome(max int) (*[]byte, int, error) {
 		if b != nil {
 			putBuf(b)
 		}
-		return nil, 0, err
+		return nil, 0, asRead(err)
 	case rerr != nil:
 		putBuf(b)
 		return nil, 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
@@ -108,4 +109,17 @@ func (r *rawIO) tryWrite(p []byte) int {
 		return 0
 	}
 	return n
+}
+
+// asRead names a failed readiness wait (net's "raw-read", its internal
+// name for this path) as the read it stands for, as a plain conn's Read
+// would.
+func asRead(err error) error {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Op == "raw-read" {
+		named := *oe
+		named.Op = "read"
+		return &named
+	}
+	return err
 }

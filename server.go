@@ -4,23 +4,26 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"time"
 )
 
+var errNilServer = fmt.Errorf("asynctcp: nil *Server: %w", ErrBadArgument)
+
 // Server is cl-async's tcp-server: a listener whose accepted connections
 // become sockets with the server's callbacks and options.
 type Server struct {
-	loop  *Loop
-	ln    net.Listener
-	cfg   *config
-	read  ReadFunc
-	sread StreamFunc
-	event EventFunc
-	mode  bool          // stream mode
-	quit  chan struct{} // closed by Close
-	done  chan struct{} // closed when the accept loop has ended
+	loop      *Loop
+	ln        net.Listener
+	cfg       *config
+	read      ReadFunc
+	sread     StreamFunc
+	event     EventFunc
+	streaming bool          // stream mode
+	quit      chan struct{} // closed by Close
+	done      chan struct{} // closed when the accept loop has ended
 
 	mu      sync.Mutex
 	closed  bool
@@ -31,7 +34,7 @@ type Server struct {
 func serve(l *Loop, ln net.Listener, cfg *config, read ReadFunc, sread StreamFunc, event EventFunc, stream bool) *Server {
 	srv := &Server{
 		loop: l, ln: ln, cfg: cfg,
-		read: read, sread: sread, event: event, mode: stream,
+		read: read, sread: sread, event: event, streaming: stream,
 		quit:    make(chan struct{}),
 		done:    make(chan struct{}),
 		sockets: make(map[*Socket]struct{}),
@@ -83,12 +86,14 @@ func (srv *Server) pause(d time.Duration) bool {
 func (srv *Server) acceptFailed(err error) {
 	ev := newEvent(nil, err)
 	ev.Class, ev.Server, ev.Listener = ErrTCPAcceptError, srv, srv.ln
+	held := srv.loop.enter()
+	defer srv.loop.leave(held)
 	cb := srv.event
 	if cb == nil {
 		srv.loop.handle(ev)
 		return
 	}
-	if pe := srv.loop.run(func() { cb(ev) }, nil); pe != nil {
+	if pe := srv.loop.call(func() { cb(ev) }, nil); pe != nil {
 		srv.loop.handle(pe)
 	}
 }
@@ -102,7 +107,7 @@ func (srv *Server) adopt(conn net.Conn) {
 		conn.Close()
 		return
 	}
-	s := newSocket(srv.loop, srv, srv.cfg, srv.read, srv.sread, srv.event, srv.mode)
+	s := newSocket(srv.loop, srv, srv.cfg, srv.read, srv.sread, srv.event, srv.streaming)
 	srv.sockets[s] = struct{}{}
 	if cfg := srv.cfg.tls; cfg != nil {
 		s.start(func(ctx context.Context) (net.Conn, error) {
@@ -118,9 +123,8 @@ func (srv *Server) forget(s *Socket) {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
 	delete(srv.sockets, s)
-	if len(srv.sockets) == 0 && srv.idle != nil {
-		close(srv.idle)
-		srv.idle = nil
+	if len(srv.sockets) == 0 {
+		wake(&srv.idle)
 	}
 }
 
@@ -129,7 +133,7 @@ func (srv *Server) forget(s *Socket) {
 // nothing and returns nil.
 func (srv *Server) Close() error {
 	if srv == nil {
-		return errors.New("asynctcp: nil *Server")
+		return errNilServer
 	}
 	srv.mu.Lock()
 	if srv.closed {
@@ -166,8 +170,16 @@ func (srv *Server) Addr() net.Addr {
 
 // Shutdown closes the server, then waits until its sockets have closed
 // (each as its application or peer closes it) or ctx is done, and returns
-// ctx's error then.
+// ctx's error then. Called from inside a callback of the server's loop,
+// where it could wait for its own socket, it does nothing and returns an
+// ErrBadArgument error at once.
 func (srv *Server) Shutdown(ctx context.Context) error {
+	if srv == nil {
+		return errNilServer
+	}
+	if srv.loop.insideCallback() {
+		return fmt.Errorf("asynctcp: Server.Shutdown called inside a callback of its loop, where it could wait for itself: %w", ErrBadArgument)
+	}
 	if err := srv.Close(); err != nil {
 		return err
 	}
@@ -182,10 +194,7 @@ func (srv *Server) Shutdown(ctx context.Context) error {
 			srv.mu.Unlock()
 			return nil
 		}
-		if srv.idle == nil {
-			srv.idle = make(chan struct{})
-		}
-		idle := srv.idle
+		idle := waiter(&srv.idle)
 		srv.mu.Unlock()
 		select {
 		case <-idle:

@@ -47,11 +47,11 @@ func (st *Stream) Read(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
+		if st.rdl.passed() && len(p) > 0 { // even with input buffered, as net.Conn
+			return 0, os.ErrDeadlineExceeded
+		}
 		if n, err, done := st.take(p); done {
 			return n, err
-		}
-		if st.rdl.passed() {
-			return 0, os.ErrDeadlineExceeded
 		}
 		s.await(&s.inWait, &st.rdl)
 	}
@@ -62,30 +62,30 @@ func (st *Stream) Read(p []byte) (int, error) {
 func (st *Stream) take(p []byte) (n int, err error, done bool) {
 	s := st.s
 	switch {
-	case s.closed && !s.selfClosed:
+	case s.closer == byApp:
 		return 0, closedError(s), true
 	case len(p) == 0:
 		return 0, nil, true
 	case len(s.in) > 0:
 		n = copy(p, s.in)
-		s.consume(n)
+		s.consumeLocked(n)
 		return n, nil, true
-	case s.rerr != nil:
-		return 0, s.rerr, true
-	case s.closed || s.state == dead:
+	case s.inEnd != nil:
+		return 0, s.inEnd, true
+	case s.closer != nobody || s.phase == dead:
 		return 0, closedError(s), true
 	}
 	return 0, nil, false
 }
 
-// consume drops the first n input bytes and lets the reader go on where
-// the buffer was full. s.mu is held.
-func (s *Socket) consume(n int) {
+// consumeLocked drops the first n input bytes and lets the reader go on
+// where the buffer was full. s.mu is held.
+func (s *Socket) consumeLocked(n int) {
 	s.in = s.in[n:]
 	if len(s.in) == 0 {
 		s.in = nil // let a drained buffer go
 	}
-	s.rcond.Broadcast()
+	s.cond.Broadcast()
 }
 
 // TryRead reads what is buffered into p and never blocks: it returns
@@ -120,7 +120,8 @@ func (st *Stream) ReadByte() (byte, error) {
 // its bytes fit, queueing a larger write in pieces), up to the write
 // deadline: then it returns what it queued and a timeout. It returns the
 // socket's ErrSocketClosed event once the socket (or its write side) is
-// closed.
+// closed, and a Write blocked for room returns then too (Close,
+// Socket.Close, CloseWrite, Abort).
 func (st *Stream) Write(p []byte) (int, error) {
 	if st == nil || st.s == nil {
 		return 0, errNilSocket
@@ -131,15 +132,20 @@ func (st *Stream) Write(p []byte) (int, error) {
 	n := 0
 	for {
 		switch {
-		case s.closed || s.state == dead || s.wshut:
+		case s.wside == writeFailed && s.inEnd != nil:
+			return n, s.inEnd
+		case s.writeClosedLocked():
 			return n, closedError(s)
-		case s.wgone:
-			return n, s.rerr
 		case st.wdl.passed():
 			return n, os.ErrDeadlineExceeded
 		}
-		if room := s.streamRoom(len(p)); room > 0 || len(p) == 0 {
-			s.enqueue(p[:room])
+		if room := s.streamRoomLocked(len(p)); room > 0 || len(p) == 0 {
+			if s.queueLocked(p[:room]) {
+				// Written inline: outside the lock, as WriteData does.
+				s.mu.Unlock()
+				s.writeInline(p[:room])
+				s.mu.Lock()
+			}
 			n += room
 			if p = p[room:]; len(p) == 0 {
 				return n, nil
@@ -162,9 +168,9 @@ func (s *Socket) await(ch *chan struct{}, dl *deadline) {
 	s.mu.Lock()
 }
 
-// streamRoom returns how many of n bytes Stream.Write may queue now.
+// streamRoomLocked returns how many of n bytes Stream.Write may queue now.
 // s.mu is held.
-func (s *Socket) streamRoom(n int) int {
+func (s *Socket) streamRoomLocked(n int) int {
 	switch {
 	case s.maxBuf > 0:
 		return max(min(n, s.maxBuf-s.outLen), 0)
@@ -201,7 +207,7 @@ func (st *Stream) ClearInput() {
 	}
 	st.s.mu.Lock()
 	defer st.s.mu.Unlock()
-	st.s.consume(len(st.s.in))
+	st.s.consumeLocked(len(st.s.in))
 }
 
 // ClearOutput is clear-output: it drops the output queued and not yet
@@ -232,11 +238,11 @@ func (st *Stream) Flush() error {
 	defer s.mu.Unlock()
 	for {
 		switch {
-		case s.wgone:
-			return s.rerr
+		case s.wside == writeFailed && s.inEnd != nil:
+			return s.inEnd
 		case s.outLen == 0 && !s.dropped:
 			return nil
-		case s.state == dead:
+		case s.phase == dead:
 			return closedError(s)
 		case st.wdl.passed():
 			return os.ErrDeadlineExceeded
@@ -254,8 +260,8 @@ func (st *Stream) Close() error {
 	}
 	s := st.s
 	s.mu.Lock()
-	if s.closed && s.selfClosed {
-		s.selfClosed = false // from now on, closed by the application
+	if s.closer == bySelf {
+		s.closer = byApp // from now on, closed by the application
 		s.mu.Unlock()
 		return nil
 	}

@@ -4,53 +4,97 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"time"
 )
 
-// The timeouts of a socket are the deadlines of its conn, armed by the
-// reader before each read and by the writer before each write, and only
-// where a timeout is set, so that an unset timeout costs nothing. A read
-// timeout counts while reading is enabled; a write timeout while output is
-// queued and writing is enabled (or a graceful Close flushes). Where a
-// deadline is lifted under a blocked read or write (Disable, SetTimeouts),
-// a generation counter tells a stale timeout from a real one.
+// Timeouts. The read timeout is the conn's read deadline, set by the
+// reader before each read (armReaderLocked) and by SetTimeouts and Enable
+// under a blocked read. The read deadline serves three purposes, and rdl
+// says which one it serves now: the read timeout, the idle hop of a reader
+// (idleHop), or a deadline in the past that wakes the reader to stop (a
+// graceful close). Where the read timeout is lifted under a blocked read
+// (Disable, SetTimeouts), rgen is bumped, so that the reader tells a stale
+// timeout from a real one.
+//
+// The write timeout (the write clock) runs while output is queued and may
+// be written: writing is enabled, or the socket flushes or shuts its write
+// side (writeClockRunsLocked). The writer arms it between writes, never
+// under a write (armWriteLocked), and SetTimeouts, Enable, Disable and
+// Close move it under a write already under way (writeClockChangedLocked).
+// It takes one of two forms, by the kind of conn:
+//   - A descriptor conn (TCP, Unix) takes a write deadline. A write that
+//     times out there keeps what it wrote and the conn stays usable, so a
+//     write that made progress goes on with a fresh deadline: only a write
+//     that moves no byte for the timeout fails.
+//   - Any other conn gets no write deadline, because a deadline that passes
+//     under a crypto/tls Write breaks the conn for good. A timer beside the
+//     write (the stall timer) stands in for it: the writer writes such a
+//     conn in batches of at most smallBatch, and a batch that does not
+//     complete within the timeout is a stall. The timer never touches the
+//     conn: a stall aborts the socket, which closes the conn under the
+//     write, or, with NotifyTimeouts, notifies while the write goes on, so
+//     that Enable resumes the output where it stopped.
+//
+// An unset timeout costs nothing: no deadline is set. The deadlines a conn
+// brings to Wrap are cleared when the socket adopts it.
+
+// readDeadline says what the conn's read deadline is for.
+type readDeadline uint8
+
+const (
+	rdlNone    readDeadline = iota // the conn has no read deadline
+	rdlTimeout                     // the read timeout
+	rdlHop                         // the idle hop (idleHop)
+	rdlWake                        // in the past: the reader stops
+)
+
+var aLongTimeAgo = time.Unix(1, 0)
 
 // SetTimeouts is set-socket-timeouts: the read and write timeouts of the
 // socket (see ReadTimeout and WriteTimeout), effective at once. 0 clears
-// one; a negative value is an error.
+// one, and with it any deadline on the connection; a negative value is an
+// error.
 func (s *Socket) SetTimeouts(read, write time.Duration) error {
 	if s == nil {
 		return errNilSocket
 	}
 	if read < 0 || write < 0 {
-		return fmt.Errorf("asynctcp: SetTimeouts: negative timeout (read %v, write %v)", read, write)
+		return fmt.Errorf("asynctcp: SetTimeouts: negative timeout (read %v, write %v): %w", read, write, ErrBadArgument)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closer != nobody {
 		return closedError(s)
 	}
 	s.rtimeout, s.wtimeout = read, write
-	if s.state != open {
-		return nil // the connect timeout was taken at the start; a flush keeps its deadline
-	}
-	if s.enabled&EvRead != 0 {
-		s.hopping = false
-		s.conn.SetReadDeadline(fromNow(read))
-	}
-	s.wgen++
-	if s.outLen > 0 && s.enabled&EvWrite != 0 {
-		s.conn.SetWriteDeadline(fromNow(write))
-	}
+	s.timeoutsChangedLocked(EvRead | EvWrite)
 	return nil
 }
 
-// fromNow is d from now, or no deadline for 0.
-func fromNow(d time.Duration) time.Time {
-	if d == 0 {
-		return time.Time{}
+// timeoutsChangedLocked brings the clocks of the directions in ev up to
+// date after a change of timeouts or of what is enabled. mu is held.
+func (s *Socket) timeoutsChangedLocked(ev Events) {
+	if s.phase != open {
+		return // connecting: the connect timeout was taken at the start
 	}
-	return time.Now().Add(d)
+	if ev&EvRead != 0 {
+		switch {
+		case s.enabled&EvRead != 0 && s.rtimeout > 0:
+			s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
+		case s.rdl == rdlTimeout:
+			s.rgen++
+			s.setReadDeadlineLocked(rdlNone, time.Time{})
+		}
+	}
+	if ev&EvWrite != 0 {
+		s.writeClockChangedLocked()
+	}
+}
+
+func (s *Socket) setReadDeadlineLocked(what readDeadline, t time.Time) {
+	s.rdl = what
+	s.conn.SetReadDeadline(t)
 }
 
 // connectTimeout is the read timeout, or else the write timeout (rule 9).
@@ -63,121 +107,139 @@ func (s *Socket) connectTimeout() time.Duration {
 	return s.wtimeout
 }
 
-// armRead starts the read timeout for the next read. s.mu is held.
-func (s *Socket) armRead() {
-	if s.rtimeout > 0 {
-		s.hopping = false
-		s.conn.SetReadDeadline(time.Now().Add(s.rtimeout))
-	}
-}
-
-// armReader arms the reader's next read: the read timeout, or without one
-// the idle hop of a reader that has run callbacks (see idleHop); a fresh
-// reader lifts a hop deadline it inherited. s.mu is held.
-func (s *Socket) armReader(worked bool) {
+// armReaderLocked arms the reader's next read: the read timeout, or
+// without one the idle hop of a reader that has run callbacks (see
+// idleHop); a fresh reader lifts a hop deadline it inherited. mu is held.
+func (s *Socket) armReaderLocked(worked bool) {
 	switch {
 	case s.rtimeout > 0:
-		s.armRead()
+		s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
 	case worked:
 		// Moving the deadline costs more than reading the clock: move it
 		// only once half of it has passed.
 		now := time.Now()
-		if !s.hopping || s.hopAt.Sub(now) < idleHop/2 {
-			s.hopping, s.hopAt = true, now.Add(idleHop)
-			s.conn.SetReadDeadline(s.hopAt)
+		if s.rdl != rdlHop || s.hopAt.Sub(now) < idleHop/2 {
+			s.hopAt = now.Add(idleHop)
+			s.setReadDeadlineLocked(rdlHop, s.hopAt)
 		}
-	case s.hopping:
-		s.hopping = false
-		s.conn.SetReadDeadline(time.Time{})
+	case s.rdl != rdlNone:
+		s.setReadDeadlineLocked(rdlNone, time.Time{})
 	}
 }
 
-// armFlush bounds a graceful Close's flush by the write timeout, even where
-// writing was disabled. s.mu is held.
-func (s *Socket) armFlush() {
-	if s.wtimeout > 0 && s.outLen > 0 {
+// wakeReaderLocked makes a blocked read return, so that the reader sees
+// that the socket no longer reads. mu is held.
+func (s *Socket) wakeReaderLocked() {
+	s.setReadDeadlineLocked(rdlWake, aLongTimeAgo)
+}
+
+// writeClockRunsLocked reports whether the write timeout counts now. mu
+// is held.
+func (s *Socket) writeClockRunsLocked() bool {
+	return s.wtimeout > 0 && s.outLen > 0 &&
+		(s.enabled&EvWrite != 0 || s.phase == flushing || s.wside == writeShutting)
+}
+
+// armWriteLocked sets the write clock for the write about to start, or
+// stops it where it does not run, and returns its generation. mu is held.
+func (s *Socket) armWriteLocked() uint64 {
+	s.wgen++
+	runs := s.writeClockRunsLocked()
+	if s.raw == nil {
+		s.stallGen = 0
+		if runs {
+			s.stallGen = s.wgen
+			if s.stall == nil {
+				s.stall = time.AfterFunc(s.wtimeout, s.stalled)
+			} else {
+				s.stall.Reset(s.wtimeout)
+			}
+		} else if s.stall != nil {
+			s.stall.Stop()
+		}
+		return s.wgen
+	}
+	switch {
+	case runs:
+		s.wdlSet = true
 		s.conn.SetWriteDeadline(time.Now().Add(s.wtimeout))
+	case s.wdlSet:
+		s.wdlSet = false
+		s.conn.SetWriteDeadline(time.Time{})
 	}
+	return s.wgen
 }
 
-// suspend lifts the timeouts of the directions being disabled. s.mu is
+// armWrite is armWriteLocked for the writer, between two writes of a batch.
+func (s *Socket) armWrite() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.armWriteLocked()
+}
+
+// writeClockChangedLocked moves the write clock after a change of the
+// timeout or of what may be written: under a write already under way it
+// starts afresh (or stops); otherwise the writer arms it before its next
+// write, and a deadline that no longer counts is cleared at once. mu is
 // held.
-func (s *Socket) suspend(ev Events) {
-	if s.state != open {
-		return
-	}
-	if ev&EvRead != 0 && s.rtimeout > 0 {
-		s.rgen++
-		s.conn.SetReadDeadline(time.Time{})
-	}
-	if ev&EvWrite != 0 && s.wtimeout > 0 {
+func (s *Socket) writeClockChangedLocked() {
+	switch {
+	case s.phase != open && s.phase != flushing:
+	case s.writer == writerRunning && s.inflight > 0:
+		s.armWriteLocked()
+	case s.wdlSet && !s.writeClockRunsLocked():
+		s.wdlSet = false
 		s.wgen++
 		s.conn.SetWriteDeadline(time.Time{})
 	}
 }
 
-// rearm starts the timeouts of the directions being enabled again. s.mu is
-// held.
-func (s *Socket) rearm(ev Events) {
-	if s.state != open {
+// writeTimedOut tells a real write timeout from a deadline that was moved
+// under the write.
+func (s *Socket) writeTimedOut(clock uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return clock == s.wgen && s.writeClockRunsLocked()
+}
+
+// stopStall stops the stall timer once a write has returned.
+func (s *Socket) stopStall() {
+	if s.raw != nil {
 		return
 	}
-	if ev&EvRead != 0 {
-		s.armRead()
-	}
-	if ev&EvWrite != 0 && s.wtimeout > 0 && s.outLen > 0 {
-		s.conn.SetWriteDeadline(time.Now().Add(s.wtimeout))
-	}
-}
-
-// writeOut writes bufs to conn, with writev where the conn has it. Under a
-// write timeout each write must make progress within it: a write that
-// times out after some bytes starts the clock again. It returns what it
-// wrote, and on an error what is left.
-func (s *Socket) writeOut(conn net.Conn, bufs [][]byte) (int, [][]byte, error) {
-	nb := net.Buffers(bufs)
-	total := 0
-	for len(nb) > 0 {
-		gen := s.armWrite()
-		n, err := nb.WriteTo(conn)
-		total += int(n)
-		if err == nil {
-			continue
-		}
-		if !isTimeout(err) || (n == 0 && s.writeTimedOut(gen)) {
-			return total, nb, err
-		}
-	}
-	return total, nil, nil
-}
-
-// armWrite starts the write timeout for the next write, where it counts.
-func (s *Socket) armWrite() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.wtimeout > 0 && s.writing() {
-		s.conn.SetWriteDeadline(time.Now().Add(s.wtimeout))
+	s.stallGen = 0
+	if s.stall != nil {
+		s.stall.Stop()
 	}
-	return s.wgen
 }
 
-// writeTimedOut tells a real write timeout from a deadline that was lifted
-// under the write.
-func (s *Socket) writeTimedOut(gen uint64) bool {
+// stalled runs when the stall timer fires: the write under way has not
+// completed within the write timeout.
+func (s *Socket) stalled() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return gen == s.wgen && s.wtimeout > 0 && s.writing()
-}
-
-// writing reports whether the write timeout counts now. s.mu is held.
-func (s *Socket) writing() bool {
-	return s.enabled&EvWrite != 0 || s.state == flushing
-}
-
-// readTimedOut tells a real read timeout from a deadline that was lifted
-// under the read. s.mu is held.
-func (s *Socket) readTimedOut(gen uint64) bool {
-	return gen == s.rgen && s.rtimeout > 0 && s.enabled&EvRead != 0
+	if s.stallGen == 0 || s.stallGen != s.wgen || s.inflight == 0 ||
+		s.phase == dead || !s.writeClockRunsLocked() {
+		return // stopped or moved since
+	}
+	s.stallGen = 0
+	err := &net.OpError{Op: "write", Net: s.conn.LocalAddr().Network(),
+		Source: s.conn.LocalAddr(), Addr: s.conn.RemoteAddr(), Err: os.ErrDeadlineExceeded}
+	if s.notifyTimeouts && s.phase == open {
+		// Rule 28; the write under way goes on, and the writer holds
+		// after it.
+		s.enabled &^= EvWrite
+		s.wgen++
+		ev := newEvent(s, err)
+		ev.Dir = EvWrite
+		s.dispatch(func() { s.emit(ev) }, false)
+		return
+	}
+	if end := s.writeFailedLocked(err); end != nil {
+		s.dispatch(end, false)
+	}
 }
 
 // connectTimeout is a connect (lookup, dial, handshake) that ran out of

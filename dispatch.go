@@ -1,0 +1,181 @@
+package asynctcp
+
+// The callback queue: every callback of a socket runs as a job of its
+// queue, one job at a time, in order. The queue is a slice guarded by qmu;
+// whoever finds it idle claims it (claimQueueLocked) and runs its jobs:
+// the reader inline, where it would wait for them anyway, or a dispatcher
+// goroutine. No job runs on the writer (a write-cb may block in
+// Stream.Write) or on an application's goroutine.
+//
+// A job runs under the loop's callback lock (Loop.Serial), and each
+// callback checks that the socket may still run callbacks after taking
+// that lock and just before it starts: so once Close, Abort or Exit has
+// returned, no callback of the socket starts, even on a Serial loop where
+// another callback closed it.
+
+// dispatch adds job to the socket's callback queue. If no goroutine runs
+// the queue, the caller runs it when inline is set, else a new goroutine
+// does. Callers are the socket's own goroutines, or hold mu on a socket
+// that is not dead, so that the errgroup is not yet waited for when
+// dispatch adds to it.
+func (s *Socket) dispatch(job func(), inline bool) {
+	s.qmu.Lock()
+	s.queue = append(s.queue, job)
+	claimed := s.claimQueueLocked()
+	s.qmu.Unlock()
+	s.runClaimed(claimed, inline)
+}
+
+// runQueue runs the queued jobs where no goroutine runs them: on the
+// caller when inline is set, else on a new goroutine of the socket.
+func (s *Socket) runQueue(inline bool) {
+	s.qmu.Lock()
+	claimed := len(s.queue) > 0 && s.claimQueueLocked()
+	s.qmu.Unlock()
+	s.runClaimed(claimed, inline)
+}
+
+// claimQueueLocked makes the caller the queue's runner, where nobody runs
+// it. qmu is held.
+func (s *Socket) claimQueueLocked() bool {
+	if s.running {
+		return false
+	}
+	s.running = true
+	return true
+}
+
+func (s *Socket) runClaimed(claimed, inline bool) {
+	switch {
+	case !claimed:
+	case inline:
+		s.runJobs()
+	default:
+		s.grp.Go(func() error { s.runJobs(); return nil })
+	}
+}
+
+// runJobs runs the queue's jobs until it is empty, then gives it up. The
+// caller has claimed it.
+func (s *Socket) runJobs() {
+	for {
+		s.qmu.Lock()
+		if len(s.queue) == 0 {
+			s.running = false
+			s.queue = s.queue[:0]
+			s.qmu.Unlock()
+			return
+		}
+		job := s.queue[0]
+		s.queue[0] = nil
+		s.queue = s.queue[1:]
+		s.qmu.Unlock()
+		held := s.loop.enter()
+		job()
+		s.loop.leave(held)
+	}
+}
+
+// dispatchRead runs the read-cb on the queue and waits for it. It reports
+// false where reading was disabled before the callback started: the data
+// is then still the reader's.
+func (s *Socket) dispatchRead(data []byte) bool {
+	s.qmu.Lock()
+	if len(s.queue) == 0 && s.claimQueueLocked() {
+		// The queue is idle: run the read-cb here, without queueing it.
+		s.qmu.Unlock()
+		held := s.loop.enter()
+		ok := s.readJob(data)
+		s.loop.leave(held)
+		s.runJobs()
+		return ok
+	}
+	if s.readResult == nil {
+		s.readResult = make(chan bool, 1)
+	}
+	result := s.readResult
+	s.queue = append(s.queue, func() { result <- s.readJob(data) })
+	claimed := s.claimQueueLocked()
+	s.qmu.Unlock()
+	s.runClaimed(claimed, true)
+	return <-result
+}
+
+// readJob runs the read-cb with data, unless the socket is closed (the
+// data is dropped) or reading was disabled (it reports false).
+func (s *Socket) readJob(data []byte) bool {
+	s.mu.Lock()
+	if !s.callbacksOpenLocked() {
+		s.mu.Unlock()
+		return true
+	}
+	if s.enabled&EvRead == 0 {
+		s.mu.Unlock()
+		return false
+	}
+	cb := s.read
+	s.mu.Unlock()
+	if cb != nil {
+		s.invoke(func() { cb(s, data) })
+	}
+	return true
+}
+
+// connected runs the connect-cb.
+func (s *Socket) connected() {
+	s.mu.Lock()
+	cb := s.connectCb
+	ok := s.callbacksOpenLocked()
+	s.mu.Unlock()
+	if ok && cb != nil {
+		s.invoke(func() { cb(s) })
+	}
+}
+
+// drained runs the write-cb: the output fell to the low watermark.
+func (s *Socket) drained() {
+	s.mu.Lock()
+	cb := s.write
+	ok := s.callbacksOpenLocked()
+	s.mu.Unlock()
+	if ok && cb != nil {
+		s.invoke(func() { cb(s) })
+	}
+}
+
+// emit gives ev to the socket's event-cb, or the loop's handler. A panic in
+// the event-cb goes to the loop's handler, never back to the event-cb.
+func (s *Socket) emit(ev error) {
+	s.mu.Lock()
+	cb := s.event
+	ok := s.callbacksOpenLocked()
+	s.mu.Unlock()
+	switch {
+	case !ok:
+	case cb == nil:
+		s.loop.handle(ev)
+	default:
+		if pe := s.loop.call(func() { cb(ev) }, s); pe != nil {
+			s.loop.handle(pe)
+		}
+	}
+}
+
+// invoke runs a read, write or connect callback. A recovered panic
+// (CatchAppErrors) goes to the event-cb, and the socket is aborted.
+func (s *Socket) invoke(f func()) {
+	pe := s.loop.call(f, s)
+	if pe == nil {
+		return
+	}
+	s.mu.Lock()
+	first := !s.ended
+	s.ended = true
+	s.mu.Unlock()
+	if first {
+		s.emit(pe)
+	} else {
+		s.loop.handle(pe)
+	}
+	s.shut(true)
+}

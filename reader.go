@@ -1,0 +1,277 @@
+package asynctcp
+
+import (
+	"net"
+	"sync"
+	"time"
+)
+
+// The reader: one goroutine at a time reads the conn, hands each chunk to
+// the read-cb (or to the input buffer in stream mode) before it reads
+// again, so that a slow callback slows the peer, not memory.
+
+// readBufSize is the most one read takes from the connection.
+const readBufSize = 64 << 10
+
+// idleHop is how long a reader that has run callbacks stays idle before it
+// hands its place to a fresh goroutine. Callbacks grow the reader's stack,
+// and the runtime never shrinks a stack below 4 KiB under a parked
+// goroutine; a fresh one parks on 2 KiB, which is most of what an idle
+// socket costs.
+const idleHop = 250 * time.Millisecond
+
+// settleTime bounds how long a read failure waits for the write in flight.
+const settleTime = 100 * time.Millisecond
+
+// What the reader does after a read error.
+const (
+	readAgain = iota // read again
+	readStop         // the reader is done
+	readHop          // a fresh reader takes over (idleHop)
+)
+
+// readLoop is the first reader. It runs the connect-cb first (queued by
+// attachLocked), unless a dispatcher runs the queue already; in stream
+// mode no callback runs on the reader.
+func (s *Socket) readLoop() error {
+	s.runQueue(!s.streaming)
+	return s.reads(s.connectCb != nil)
+}
+
+// hop is the reader that takes over after idleHop.
+func (s *Socket) hop() error { return s.reads(false) }
+
+// reads is the reader's loop; worked tells whether this goroutine has run
+// callbacks yet.
+func (s *Socket) reads(worked bool) error {
+	for {
+		room, gen, grant, ok := s.beforeRead(worked)
+		if !ok {
+			return nil
+		}
+		var buf *[]byte
+		var n int
+		var err error
+		if s.raw != nil { // no buffer held while waiting
+			buf, n, err = s.raw.readSome(room)
+		} else {
+			buf, n, err = readConn(s.conn, room)
+		}
+		grant.settle(n)
+		if n > 0 {
+			worked = true
+			if !s.received(buf, n) {
+				return nil
+			}
+		}
+		if err == nil {
+			continue
+		}
+		switch s.readFailed(err, gen) {
+		case readAgain:
+			continue
+		case readHop:
+			s.grp.Go(s.hop)
+		}
+		return nil
+	}
+}
+
+// readConn reads at most max bytes from conn into a pooled buffer.
+func readConn(conn net.Conn, max int) (*[]byte, int, error) {
+	b := getBuf()
+	n, err := conn.Read((*b)[:max])
+	if n == 0 {
+		putBuf(b)
+		return nil, 0, err
+	}
+	return b, n, err
+}
+
+var bufPool = sync.Pool{New: func() any {
+	b := make([]byte, readBufSize)
+	return &b
+}}
+
+func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
+func putBuf(b *[]byte) { bufPool.Put(b) }
+
+// readOpenLocked reports whether the reader may go on reading at all (as
+// opposed to waiting). mu is held.
+func (s *Socket) readOpenLocked() bool { return s.phase == open && s.rside == reading }
+
+// readBlockedLocked reports whether the reader must wait before its next
+// read: reading is disabled, or the input buffer is full. mu is held.
+func (s *Socket) readBlockedLocked() bool {
+	return s.enabled&EvRead == 0 || (s.streaming && len(s.in) >= s.inLimit)
+}
+
+// beforeRead waits while the reader may not read (reading disabled, the
+// input buffer full, the read rate spent), then arms the read timeout and
+// takes the rate's tokens. It returns how much the next read may take, and
+// false once the socket no longer reads.
+func (s *Socket) beforeRead(worked bool) (int, uint64, grant, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		for s.readOpenLocked() && s.readBlockedLocked() {
+			s.cond.Wait()
+		}
+		if !s.readOpenLocked() {
+			return 0, 0, grant{}, false
+		}
+		want := readBufSize
+		if s.streaming {
+			want = min(want, s.inLimit-len(s.in))
+		}
+		n, g, wait := take(s.rlims, want, time.Now())
+		if wait == 0 {
+			s.armReaderLocked(worked)
+			return n, s.rgen, g, true
+		}
+		s.sleepLocked(wait)
+	}
+}
+
+// sleepLocked waits on cond for at most d. mu is held.
+func (s *Socket) sleepLocked(d time.Duration) {
+	t := time.AfterFunc(d, func() {
+		s.mu.Lock()
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	})
+	s.cond.Wait()
+	t.Stop()
+}
+
+// received passes the n bytes read into buf to the read-cb, or to the input
+// buffer in stream mode, and gives buf back to the pool. It reports false
+// once the socket no longer reads.
+func (s *Socket) received(buf *[]byte, n int) bool {
+	p := (*buf)[:n]
+	if !s.streaming && s.reuse {
+		more := s.deliver(p) // valid until the read-cb returns
+		putBuf(buf)
+		return more
+	}
+	if !s.streaming {
+		data := make([]byte, n) // fresh: the read-cb may keep it (rule 3)
+		copy(data, p)
+		putBuf(buf) // not held while the read-cb waits or runs
+		return s.deliver(data)
+	}
+	s.mu.Lock()
+	defer putBuf(buf)
+	if s.phase != open {
+		s.mu.Unlock()
+		return false
+	}
+	s.in = append(s.in, p...)
+	wake(&s.inWait)
+	announce := s.notice != noticeQueued
+	if announce {
+		s.notice = noticeQueued
+		s.dispatch(s.notify, false)
+	}
+	s.mu.Unlock()
+	return true
+}
+
+// deliver hands data to the read-cb, waiting while reading is disabled. It
+// reports false once the socket no longer reads.
+func (s *Socket) deliver(data []byte) bool {
+	for {
+		s.mu.Lock()
+		for s.phase == open && s.enabled&EvRead == 0 {
+			s.cond.Wait()
+		}
+		up := s.phase == open
+		s.mu.Unlock()
+		if !up {
+			return false
+		}
+		if s.dispatchRead(data) {
+			return true
+		}
+	}
+}
+
+// readFailed handles a read error and says what the reader does next.
+func (s *Socket) readFailed(err error, gen uint64) int {
+	s.mu.Lock()
+	if s.phase != open {
+		s.mu.Unlock()
+		return readStop // closed: no event
+	}
+	if isTimeout(err) {
+		switch {
+		case s.rdl == rdlHop && s.rtimeout == 0:
+			s.mu.Unlock()
+			return readHop
+		case s.rdl != rdlTimeout || gen != s.rgen || s.rtimeout == 0 || s.enabled&EvRead == 0:
+			// The deadline was moved under the read (Disable, SetTimeouts):
+			// not a timeout of this socket. beforeRead sets the deadline
+			// afresh, or clears it.
+			s.mu.Unlock()
+			return readAgain
+		case s.notifyTimeouts:
+			// Rule 28: disable reading before the event-cb runs, so that
+			// an Enable inside it holds.
+			s.enabled &^= EvRead
+			s.timeoutsChangedLocked(EvRead)
+			ev := newEvent(s, err)
+			ev.Dir = EvRead
+			s.dispatch(func() { s.emit(ev) }, false)
+			s.mu.Unlock()
+			return readAgain
+		}
+	}
+	s.settleWriteLocked()
+	s.mu.Unlock()
+	s.fail(err, EvRead)
+	return readStop
+}
+
+// settleWriteLocked waits, briefly, until a write in flight has been
+// accounted for. A peer may answer a request and close before the writer,
+// whose write the kernel already took, has run again; so the write-cb of
+// the request comes before the EOF of the answer, not after the socket
+// closed. A write blocked on a full connection ends the wait at
+// settleTime. mu is held.
+func (s *Socket) settleWriteLocked() {
+	if s.inflight == 0 {
+		return
+	}
+	expired := false
+	t := time.AfterFunc(settleTime, func() {
+		s.mu.Lock()
+		expired = true
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	})
+	defer t.Stop()
+	for s.inflight > 0 && !expired {
+		s.cond.Wait()
+	}
+}
+
+// notify runs the stream-mode read-cb: it tells the application that the
+// stream has bytes to read. Input that arrives while reading is disabled
+// is announced by Enable.
+func (s *Socket) notify() {
+	s.mu.Lock()
+	s.notice = noticeNone
+	if s.enabled&EvRead == 0 && len(s.in) > 0 {
+		s.notice = noticeHeld
+	}
+	skip := !s.callbacksOpenLocked() || s.enabled&EvRead == 0 || len(s.in) == 0
+	read, sread := s.read, s.sread
+	s.mu.Unlock()
+	switch {
+	case skip:
+	case sread != nil:
+		s.invoke(func() { sread(s, s.stream) })
+	case read != nil:
+		s.invoke(func() { read(s, nil) })
+	}
+}
