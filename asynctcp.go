@@ -261,6 +261,11 @@ func ReadTimeout(d time.Duration) Option {
 
 // WriteTimeout is :write-timeout: while output is queued and no byte can
 // be written for d, the socket gets an ErrTCPTimeout event and is aborted.
+// On TCP and Unix connections (on Unix systems) any byte written restarts
+// the clock. On other connections (TLS, pipes, wrappers), whose writes a
+// deadline could break, output goes out in pieces of at most 16 KiB and
+// the clock restarts with each: a peer that takes less than that in d has
+// stalled.
 // 0 means none (Connect*; Listen*: for each accepted socket).
 func WriteTimeout(d time.Duration) Option {
 	return Option{name: "WriteTimeout", where: sockets, err: checkTimeout(d), apply: func(c *config) { c.writeTimeout = d }}
@@ -366,8 +371,9 @@ func ReuseReadBuffer() Option {
 // NotifyTimeouts makes read and write timeouts notify instead of closing,
 // as libevent does: the event-cb gets an ErrTCPTimeout event with Dir set,
 // and the socket stays open with that direction disabled (before the
-// event-cb runs, so an Enable inside it holds); Enable re-arms it. A
-// connect timeout still ends the socket.
+// event-cb runs, so an Enable inside it holds); Enable re-arms it, and
+// the output resumes where it stopped, over TLS too. A connect timeout
+// still ends the socket.
 func NotifyTimeouts() Option {
 	return Option{name: "NotifyTimeouts", where: sockets, notices: true, apply: func(c *config) { c.notifyTimeouts = true }}
 }

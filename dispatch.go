@@ -11,7 +11,12 @@ package asynctcp
 // callback checks that the socket may still run callbacks after taking
 // that lock and just before it starts: so once Close, Abort or Exit has
 // returned, no callback of the socket starts, even on a Serial loop where
-// another callback closed it.
+// another callback closed it. A callback starts at that check, which takes
+// mu as Close does: a Close that returned before it wins. (Without Serial
+// the callback's first line runs a moment after its check, and a Close on
+// another goroutine may return in that moment; nothing short of holding a
+// lock across the callback would close that gap, and that lock would
+// deadlock two sockets that close each other from their callbacks.)
 
 // dispatch adds job to the socket's callback queue. If no goroutine runs
 // the queue, the caller runs it when inline is set, else a new goroutine

@@ -503,3 +503,14 @@ func newSelfSigned() (tls.Certificate, *x509.CertPool, error) {
 	pool.AddCert(leaf)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool, nil
 }
+
+// tlsConfigs returns a server configuration with a self-signed certificate
+// for 127.0.0.1 and a client configuration that trusts it.
+func tlsConfigs(t *testing.T) (server, client *tls.Config) {
+	t.Helper()
+	cert, pool, err := newSelfSigned()
+	if err != nil {
+		t.Fatalf("newSelfSigned: %v", err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}}, &tls.Config{RootCAs: pool}
+}

@@ -118,17 +118,6 @@ func lsStaysOpen(t *testing.T, st *asynctcp.Stream, d time.Duration, what string
 	}
 }
 
-// lsCert makes a self-signed certificate for 127.0.0.1 and a client
-// config that trusts it.
-func lsCert(t *testing.T) (server, client *tls.Config) {
-	t.Helper()
-	cert, pool, err := newSelfSigned()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}}, &tls.Config{RootCAs: pool}
-}
-
 // lsSite is a net/http server serving through a listener of its own loop,
 // and a client with a transport of its own.
 type lsSite struct {
@@ -640,7 +629,7 @@ func TestListenerLoopExitClosesIt(t *testing.T) {
 
 func TestListenerTLSHandshakesBeforeAccept(t *testing.T) {
 	l := newTestLoop(t)
-	server, client := lsCert(t)
+	server, client := tlsConfigs(t)
 	ln := lsListen(t, l, asynctcp.TLS(server))
 	d := &net.Dialer{Timeout: waitTimeout}
 	tc, err := tls.DialWithDialer(d, "tcp", ln.Addr().String(), client)
@@ -672,7 +661,7 @@ func TestListenerFailedHandshakesFreeTheirPlaces(t *testing.T) {
 	l := newTestLoop(t)
 	failures := make(chan error, 2*lsQueue)
 	l.EventHandler = func(ev error) { failures <- ev }
-	server, client := lsCert(t)
+	server, client := tlsConfigs(t)
 	ln := lsListen(t, l, asynctcp.TLS(server))
 	const n = lsQueue + 8
 	for i := 0; i < n; i++ {
@@ -699,7 +688,7 @@ func TestListenerFailedHandshakesFreeTheirPlaces(t *testing.T) {
 // finishes its TLS handshake is closed by Close.
 func TestListenerCloseAbortsHandshakingConnections(t *testing.T) {
 	l := newTestLoop(t)
-	server, _ := lsCert(t)
+	server, _ := tlsConfigs(t)
 	ln := lsListen(t, l, asynctcp.TLS(server))
 	c := lsDial(t, ln) // sends nothing
 	eventually(t, "the server to accept the silent client", func() bool { return l.Stats().Incoming == 1 })
@@ -745,7 +734,7 @@ func TestNewListenerRejectsOptionsThatDoNotApply(t *testing.T) {
 
 func TestNewListenerTakesListenStreamOptions(t *testing.T) {
 	l := newTestLoop(t)
-	server, _ := lsCert(t)
+	server, _ := tlsConfigs(t)
 	ln, err := l.NewListener("127.0.0.1", 0,
 		asynctcp.Backlog(16), asynctcp.TLS(server), asynctcp.ReadTimeout(time.Minute),
 		asynctcp.WriteTimeout(time.Minute), asynctcp.InputLimit(4096),

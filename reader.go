@@ -209,9 +209,11 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 			s.mu.Unlock()
 			return readHop
 		case s.rdl != rdlTimeout || gen != s.rgen || s.rtimeout == 0 || s.enabled&EvRead == 0:
-			// The deadline was moved under the read (Disable, SetTimeouts):
-			// not a timeout of this socket. beforeRead sets the deadline
-			// afresh, or clears it.
+			// The deadline was moved under the read (Disable, SetTimeouts),
+			// or set by the application through Conn: not a timeout of
+			// this socket. beforeRead sets the deadline afresh, or clears
+			// it, so that it cannot fail every read that follows.
+			s.rdl = rdlUnknown
 			s.mu.Unlock()
 			return readAgain
 		case s.notifyTimeouts:

@@ -299,8 +299,9 @@ func (s *Socket) writeClosedLocked() bool {
 
 // fail ends the socket with err, a failure of direction dir (0 for a
 // connect): the event-cb gets it (once: rule 6), then the socket closes,
-// gracefully after an EOF, at once otherwise. The event runs on the caller
-// where the queue is idle and the caller is the reader.
+// gracefully after an EOF, at once otherwise. The caller is the reader or
+// the connector, which end after it: the event runs on the caller where
+// the queue is idle.
 func (s *Socket) fail(err error, dir Events) {
 	ev := newEvent(s, err)
 	ev.Dir = dir
@@ -308,7 +309,7 @@ func (s *Socket) fail(err error, dir Events) {
 	end := s.claimLocked(ev)
 	s.mu.Unlock()
 	if end != nil {
-		s.dispatch(end, dir == EvRead && !s.streaming)
+		s.dispatch(end, true)
 	}
 }
 
@@ -529,7 +530,7 @@ func (s *Socket) WriteData(data []byte, opts ...Option) error {
 		return err
 	}
 	if cfg != nil {
-		s.override(cfg)
+		s.overrideLocked(cfg)
 	}
 	inline := s.queueLocked(data)
 	s.mu.Unlock()
@@ -539,7 +540,9 @@ func (s *Socket) WriteData(data []byte, opts ...Option) error {
 	return nil
 }
 
-func (s *Socket) override(cfg *config) {
+// overrideLocked replaces the callbacks that WriteData's options name.
+// mu is held.
+func (s *Socket) overrideLocked(cfg *config) {
 	if cfg.setRead {
 		s.read = cfg.onRead
 	}

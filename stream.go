@@ -50,16 +50,16 @@ func (st *Stream) Read(p []byte) (int, error) {
 		if st.rdl.passed() && len(p) > 0 { // even with input buffered, as net.Conn
 			return 0, os.ErrDeadlineExceeded
 		}
-		if n, err, done := st.take(p); done {
+		if n, err, done := st.takeLocked(p); done {
 			return n, err
 		}
-		s.await(&s.inWait, &st.rdl)
+		s.awaitLocked(&s.inWait, &st.rdl)
 	}
 }
 
-// take reads from the input buffer, without blocking; done is false when
+// takeLocked reads from the input buffer, without blocking; done is false when
 // the caller would have to wait. s.mu is held.
-func (st *Stream) take(p []byte) (n int, err error, done bool) {
+func (st *Stream) takeLocked(p []byte) (n int, err error, done bool) {
 	s := st.s
 	switch {
 	case s.closer == byApp:
@@ -97,7 +97,7 @@ func (st *Stream) TryRead(p []byte) (int, error) {
 	}
 	st.s.mu.Lock()
 	defer st.s.mu.Unlock()
-	n, err, _ := st.take(p)
+	n, err, _ := st.takeLocked(p)
 	return n, err
 }
 
@@ -152,13 +152,13 @@ func (st *Stream) Write(p []byte) (int, error) {
 			}
 			continue
 		}
-		s.await(&s.outWait, &st.wdl)
+		s.awaitLocked(&s.outWait, &st.wdl)
 	}
 }
 
-// await waits, with s.mu released, until the next wake of ch or until dl
+// awaitLocked waits, with s.mu released, until the next wake of ch or until dl
 // has passed. s.mu is held.
-func (s *Socket) await(ch *chan struct{}, dl *deadline) {
+func (s *Socket) awaitLocked(ch *chan struct{}, dl *deadline) {
 	woken := waiter(ch)
 	s.mu.Unlock()
 	select {
@@ -247,7 +247,7 @@ func (st *Stream) Flush() error {
 		case st.wdl.passed():
 			return os.ErrDeadlineExceeded
 		}
-		s.await(&s.outWait, &st.wdl)
+		s.awaitLocked(&s.outWait, &st.wdl)
 	}
 }
 

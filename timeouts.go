@@ -47,6 +47,7 @@ const (
 	rdlTimeout                     // the read timeout
 	rdlHop                         // the idle hop (idleHop)
 	rdlWake                        // in the past: the reader stops
+	rdlUnknown                     // a timeout came from a deadline that was moved or not ours: reset it
 )
 
 var aLongTimeAgo = time.Unix(1, 0)
@@ -170,10 +171,14 @@ func (s *Socket) armWriteLocked() uint64 {
 	return s.wgen
 }
 
-// armWrite is armWriteLocked for the writer, between two writes of a batch.
+// armWrite is armWriteLocked for the writer after a write timed out
+// without failing: whatever deadline the conn has now (one moved under the
+// write, or one the application set through Conn) is set afresh or
+// cleared, so that it cannot fail every write that follows.
 func (s *Socket) armWrite() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.wdlSet = true
 	return s.armWriteLocked()
 }
 
