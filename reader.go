@@ -10,8 +10,11 @@ import (
 // the read-cb (or to the input buffer in stream mode) before it reads
 // again, so that a slow callback slows the peer, not memory.
 
-// readBufSize is the most one read takes from the connection.
-const readBufSize = 64 << 10
+// readBufSize is the most one read takes from the connection: 32 KiB, as
+// net's own echo loops read. 64 KiB reads measured slower in bulk echo
+// (0.81 of net's throughput against 1.00 with ReuseReadBuffer): their
+// copies fall out of the cache.
+const readBufSize = 32 << 10
 
 // idleHop is how long a reader that has run callbacks stays idle before it
 // hands its place to a fresh goroutine. Callbacks grow the reader's stack,
