@@ -101,6 +101,10 @@ type EventFunc func(ev error)
 // any read-cb.
 type ConnectFunc func(s *Socket)
 
+// CloseFunc is a close-cb (OnClose): it runs once the socket has ended,
+// with the event that ended it, or nil where the application closed it.
+type CloseFunc func(s *Socket, err error)
+
 // WriteFunc is a write-cb: it runs each time the socket's output buffer has
 // been drained into the connection.
 type WriteFunc func(s *Socket)
@@ -175,6 +179,7 @@ type Option struct {
 type config struct {
 	data           []byte
 	onConnect      ConnectFunc
+	onClose        CloseFunc
 	onWrite        WriteFunc
 	onRead         ReadFunc
 	onEvent        EventFunc
@@ -224,6 +229,18 @@ func newConfig(c call, opts []Option) (*config, error) {
 func Data(p []byte) Option {
 	p = append([]byte(nil), p...)
 	return Option{name: "Data", where: connects | wraps, apply: func(c *config) { c.data = append(c.data, p...) }}
+}
+
+// OnClose makes f the socket's close-cb (Node's 'close' event): it runs
+// exactly once for every socket that ran any callback or was returned to
+// the application, however the socket ends (Close, Abort, EOF, an error, a
+// timeout, a panic caught with CatchAppErrors), after every other callback
+// of the socket, one at a time with them. err is the event that ended the
+// socket, or nil where the application closed it (Close, Abort, or
+// CloseWrite followed by the peer's EOF). Loop.Exit runs no close-cb, as it
+// runs no other callback (Connect*, Listen*: for each accepted socket).
+func OnClose(f CloseFunc) Option {
+	return Option{name: "OnClose", where: sockets, apply: func(c *config) { c.onClose = f }}
 }
 
 // OnConnect is :connect-cb: f runs once the connection is up, before any

@@ -155,6 +155,9 @@ func (s *Socket) emit(ev error) {
 	cb := s.event
 	ok := s.callbacksOpenLocked()
 	s.mu.Unlock()
+	if ok {
+		s.touched.Store(true)
+	}
 	switch {
 	case !ok:
 	case cb == nil:
@@ -169,6 +172,7 @@ func (s *Socket) emit(ev error) {
 // invoke runs a read, write or connect callback. A recovered panic
 // (CatchAppErrors) goes to the event-cb, and the socket is aborted.
 func (s *Socket) invoke(f func()) {
+	s.touched.Store(true)
 	pe := s.loop.call(f, s)
 	if pe == nil {
 		return
@@ -176,6 +180,10 @@ func (s *Socket) invoke(f func()) {
 	s.mu.Lock()
 	first := !s.ended
 	s.ended = true
+	if first {
+		s.endErr = pe
+		s.startClosingLocked(pe)
+	}
 	s.mu.Unlock()
 	if first {
 		s.emit(pe)

@@ -120,7 +120,9 @@ func (l *Loop) Exit(err error) {
 		s.mu.Lock()
 		if s.closer == nobody {
 			s.closer = byApp
+			s.startClosingLocked(closedError(s))
 		}
+		s.exited = true
 		s.mu.Unlock()
 	}
 	for _, s := range socks {
@@ -273,6 +275,11 @@ func (l *Loop) logger() *slog.Logger {
 	}
 	return slog.Default()
 }
+
+// SocketOf returns the socket of ev, an *Event or a *PanicError (found
+// with errors.As, so a wrapped one counts too), and nil for any other
+// error and for a server's events.
+func SocketOf(ev error) *Socket { return socketOf(ev) }
 
 func socketOf(ev error) *Socket {
 	var e *Event

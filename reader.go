@@ -62,6 +62,7 @@ func (s *Socket) reads(worked bool) error {
 		}
 		grant.settle(n)
 		if n > 0 {
+			s.bytesRead.Add(int64(n))
 			worked = true
 			if !s.received(buf, n) {
 				return nil

@@ -3,11 +3,11 @@ package asynctcp
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -39,9 +39,10 @@ import (
 //     runs it: started by dispatch when it queues a job on an idle queue,
 //     it ends when the queue is empty. The queue is a slice guarded by
 //     qmu, not a channel: a goroutine runs it only while it has jobs.
-//   - The finisher (dieLocked) closes the conn, waits for s.grp, and takes
-//     the socket out of its loop and server. It is not in s.grp: it waits
-//     for it.
+//   - The finisher (dieLocked) closes the conn, waits for s.grp, runs the
+//     close-cb (OnClose, lifecycle.go) after every other callback, closes
+//     Done, and takes the socket out of its loop and server. It is not in
+//     s.grp: it waits for it.
 //
 // s.grp is an errgroup.Group used for joining only, without its context:
 // the first failure of a socket does not simply cancel the others. An EOF
@@ -90,9 +91,10 @@ import (
 //
 // Who closed it: nobody ──► byApp (Close, Abort, Exit) or bySelf (after its
 // ending event); bySelf ──► byApp where Stream.Close follows (it returns
-// nil once, as net.Conn's does). No callback starts once it is not nobody
-// (callbacksOpenLocked); the ending event (EOF, error, panic) is claimed
-// once (ended, rule 6).
+// nil once, as net.Conn's does). No callback but the close-cb starts once
+// it is not nobody (callbacksOpenLocked); the ending event (EOF, error,
+// panic) is claimed once (ended, endErr). The first step towards closing
+// records why (closing) and cancels the Context.
 //
 // The questions, one method each: may the application queue output
 // (mayQueueLocked); has the writer work (writerWorkLocked); may the reader
@@ -178,7 +180,13 @@ type Socket struct {
 	maxBuf         int // WriteData refuses to queue past this; 0: no bound
 	rlims          []*limit
 	wlims          []*limit
+	onClose        CloseFunc
 	grp            errgroup.Group
+
+	// Atomic: counters, and whether the application has seen the socket.
+	bytesRead    atomic.Int64
+	bytesWritten atomic.Int64
+	touched      atomic.Bool // it ran a callback or was returned (OnClose)
 
 	// Guarded by mu: the state.
 	mu       sync.Mutex
@@ -193,6 +201,11 @@ type Socket struct {
 	raw      *rawIO             // descriptor I/O, where the conn has it
 	cancel   context.CancelFunc // stops the connect
 	abortive bool               // the finisher closes the conn at once (no TLS close_notify)
+	exited   bool               // Loop.Exit closed it: no close-cb
+	endErr   error              // the event that ended it, for the close-cb
+	closing  error              // why it started to close: the Context's cause
+	watch    *watchers          // Done and Context, made on first use
+	fin      bool               // the finisher is done: Done is closed
 	data     any
 
 	// Guarded by mu: the callbacks.
@@ -241,6 +254,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		event:          event,
 		write:          cfg.onWrite,
 		connectCb:      cfg.onConnect,
+		onClose:        cfg.onClose,
 		streaming:      streaming || cfg.dontDrain,
 		inLimit:        cfg.inputLimit,
 		lowWater:       cfg.lowWater,
@@ -269,6 +283,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		s.out = [][]byte{cfg.data}
 		s.outLen = len(cfg.data)
 	}
+	s.touched.Store(srv == nil) // Connect and Wrap return it
 	l.addSocket(s)
 	return s
 }
@@ -341,6 +356,10 @@ func (s *Socket) claimLocked(ev *Event) func() {
 	}
 	halfOpen := eof && ev.Dir == EvRead && s.halfOpen
 	s.ended = !halfOpen
+	if s.ended {
+		s.endErr = ev
+		s.startClosingLocked(ev)
+	}
 	return func() {
 		s.emit(ev)
 		if halfOpen {
@@ -387,6 +406,7 @@ func (s *Socket) shutLocked(abort bool) {
 		return
 	}
 	s.closer = bySelf
+	s.startClosingLocked(closedError(s))
 	if abort {
 		s.dieLocked(true)
 		return
@@ -458,6 +478,7 @@ func (s *Socket) finish() {
 			l.group.members.Add(-1)
 		}
 	}
+	s.closed()
 	// The loop first, so that Stats no longer counts a socket once
 	// Server.Shutdown has seen it end.
 	s.loop.removeSocket(s)
@@ -506,71 +527,6 @@ func (s *Socket) SetData(v any) {
 	s.mu.Lock()
 	s.data = v
 	s.mu.Unlock()
-}
-
-// WriteData is write-socket-data: it copies data into the output buffer and
-// returns at once; the writer sends it in order, after what was queued
-// before. OnRead, OnWrite and OnEvent replace the socket's callbacks for
-// every event dispatched after WriteData returns. On a closed socket it
-// returns an ErrSocketClosed event and queues nothing.
-func (s *Socket) WriteData(data []byte, opts ...Option) error {
-	if s == nil {
-		return errNilSocket
-	}
-	var cfg *config
-	if len(opts) > 0 {
-		var err error
-		if cfg, err = newConfig(callWriteData, opts); err != nil {
-			return err
-		}
-	}
-	s.mu.Lock()
-	if err := s.mayQueueLocked(len(data)); err != nil {
-		s.mu.Unlock()
-		return err
-	}
-	if cfg != nil {
-		s.overrideLocked(cfg)
-	}
-	inline := s.queueLocked(data)
-	s.mu.Unlock()
-	if inline {
-		s.writeInline(data)
-	}
-	return nil
-}
-
-// overrideLocked replaces the callbacks that WriteData's options name.
-// mu is held.
-func (s *Socket) overrideLocked(cfg *config) {
-	if cfg.setRead {
-		s.read = cfg.onRead
-	}
-	if cfg.setWrite {
-		s.write = cfg.onWrite
-	}
-	if cfg.setEvent {
-		s.event = cfg.onEvent
-	}
-}
-
-// Write is io.Writer: WriteData(p), returning len(p).
-func (s *Socket) Write(p []byte) (int, error) {
-	if err := s.WriteData(p); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// WriteString is io.StringWriter: WriteData of the string's bytes.
-func (s *Socket) WriteString(str string) (int, error) {
-	if s == nil {
-		return 0, errNilSocket
-	}
-	if err := s.WriteData([]byte(str)); err != nil {
-		return 0, err
-	}
-	return len(str), nil
 }
 
 func checkEvents(name string, ev Events) error {
@@ -654,6 +610,7 @@ func (s *Socket) Close() error {
 		return closedError(s)
 	}
 	s.closer = byApp
+	s.startClosingLocked(closedError(s))
 	s.beginFlushLocked()
 	return nil
 }
@@ -670,6 +627,7 @@ func (s *Socket) Abort() error {
 	wasClosed := s.closer != nobody
 	if !wasClosed {
 		s.closer = byApp
+		s.startClosingLocked(closedError(s))
 	}
 	var cut net.Conn // a graceful close under way, to cut short
 	if s.phase == dead && !s.abortive {
@@ -685,58 +643,6 @@ func (s *Socket) Abort() error {
 		return closedError(s)
 	}
 	return nil
-}
-
-// Writable reports whether the output is below the high watermark
-// (WriteWatermarks): false while Buffered() >= high, true otherwise, and
-// always true without a high watermark. A proxy disables reading on its
-// source while its destination is not writable, and enables it again from
-// the destination's write-cb.
-func (s *Socket) Writable() bool {
-	if s == nil {
-		return false
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.highWater == 0 || s.outLen < s.highWater
-}
-
-// CloseWrite flushes the queued output, then shuts the write side of the
-// connection: the peer reads EOF while reading goes on (Node's end(),
-// Netty's shutdownOutput). Later writes return an ErrSocketClosed event,
-// and a Stream.Write blocked for room returns one too. With AllowHalfOpen,
-// once the peer has shut its side too, the socket closes by itself. A
-// connection that cannot half-close (net.Pipe) gives an ErrTCPError event
-// wrapping errors.ErrUnsupported.
-func (s *Socket) CloseWrite() error {
-	if s == nil {
-		return errNilSocket
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closer != nobody || s.wside != writeOpen {
-		return closedError(s)
-	}
-	if _, ok := s.conn.(interface{ CloseWrite() error }); s.conn != nil && !ok {
-		return &Event{Class: ErrTCPError, Socket: s, Code: -1, Dir: EvWrite,
-			Msg: fmt.Sprintf("%T cannot half-close", s.conn), Err: errors.ErrUnsupported}
-	}
-	s.wside = writeShutting
-	wake(&s.outWait)
-	s.writeClockChangedLocked()
-	s.kickLocked()
-	return nil
-}
-
-// Buffered returns the number of bytes queued for output and not yet
-// written to the connection.
-func (s *Socket) Buffered() int {
-	if s == nil {
-		return 0
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.outLen
 }
 
 // LocalAddr returns the local address of the connection, or nil while

@@ -2,6 +2,7 @@ package asynctcp
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"time"
 )
@@ -18,6 +19,123 @@ const (
 	maxBatch   = 256 << 10
 	smallBatch = 16 << 10
 )
+
+// WriteData is write-socket-data: it copies data into the output buffer and
+// returns at once; the writer sends it in order, after what was queued
+// before. OnRead, OnWrite and OnEvent replace the socket's callbacks for
+// every event dispatched after WriteData returns. On a closed socket it
+// returns an ErrSocketClosed event and queues nothing.
+func (s *Socket) WriteData(data []byte, opts ...Option) error {
+	if s == nil {
+		return errNilSocket
+	}
+	var cfg *config
+	if len(opts) > 0 {
+		var err error
+		if cfg, err = newConfig(callWriteData, opts); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	if err := s.mayQueueLocked(len(data)); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	if cfg != nil {
+		s.overrideLocked(cfg)
+	}
+	inline := s.queueLocked(data)
+	s.mu.Unlock()
+	if inline {
+		s.writeInline(data)
+	}
+	return nil
+}
+
+// overrideLocked replaces the callbacks that WriteData's options name.
+// mu is held.
+func (s *Socket) overrideLocked(cfg *config) {
+	if cfg.setRead {
+		s.read = cfg.onRead
+	}
+	if cfg.setWrite {
+		s.write = cfg.onWrite
+	}
+	if cfg.setEvent {
+		s.event = cfg.onEvent
+	}
+}
+
+// Write is io.Writer: WriteData(p), returning len(p).
+func (s *Socket) Write(p []byte) (int, error) {
+	if err := s.WriteData(p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteString is io.StringWriter: WriteData of the string's bytes.
+func (s *Socket) WriteString(str string) (int, error) {
+	if s == nil {
+		return 0, errNilSocket
+	}
+	if err := s.WriteData([]byte(str)); err != nil {
+		return 0, err
+	}
+	return len(str), nil
+}
+
+// Writable reports whether the output is below the high watermark
+// (WriteWatermarks): false while Buffered() >= high, true otherwise, and
+// always true without a high watermark. A proxy disables reading on its
+// source while its destination is not writable, and enables it again from
+// the destination's write-cb.
+func (s *Socket) Writable() bool {
+	if s == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.highWater == 0 || s.outLen < s.highWater
+}
+
+// CloseWrite flushes the queued output, then shuts the write side of the
+// connection: the peer reads EOF while reading goes on (Node's end(),
+// Netty's shutdownOutput). Later writes return an ErrSocketClosed event,
+// and a Stream.Write blocked for room returns one too. With AllowHalfOpen,
+// once the peer has shut its side too, the socket closes by itself. A
+// connection that cannot half-close (net.Pipe) gives an ErrTCPError event
+// wrapping errors.ErrUnsupported.
+func (s *Socket) CloseWrite() error {
+	if s == nil {
+		return errNilSocket
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closer != nobody || s.wside != writeOpen {
+		return closedError(s)
+	}
+	if _, ok := s.conn.(interface{ CloseWrite() error }); s.conn != nil && !ok {
+		return &Event{Class: ErrTCPError, Socket: s, Code: -1, Dir: EvWrite,
+			Msg: fmt.Sprintf("%T cannot half-close", s.conn), Err: errors.ErrUnsupported}
+	}
+	s.wside = writeShutting
+	wake(&s.outWait)
+	s.writeClockChangedLocked()
+	s.kickLocked()
+	return nil
+}
+
+// Buffered returns the number of bytes queued for output and not yet
+// written to the connection.
+func (s *Socket) Buffered() int {
+	if s == nil {
+		return 0
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.outLen
+}
 
 // queueLocked queues p for output. Where nothing is queued, the conn is a
 // descriptor, and the writer may write now, it reports true instead: the
@@ -48,6 +166,7 @@ func (s *Socket) queueLocked(p []byte) bool {
 // queues the rest ahead of anything queued meanwhile (queueLocked).
 func (s *Socket) writeInline(p []byte) {
 	n := s.raw.tryWrite(p)
+	s.bytesWritten.Add(int64(n))
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.writer = writerIdle
@@ -117,6 +236,7 @@ func (s *Socket) writeLoop() error {
 			continue
 		}
 		n, rest, err := s.writeOut(bufs, clock)
+		s.bytesWritten.Add(int64(n))
 		g.settle(n)
 		if !s.wrote(n, rest, err) {
 			return nil
