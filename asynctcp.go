@@ -79,6 +79,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"syscall"
 	"time"
 )
 
@@ -190,6 +191,8 @@ type config struct {
 	writeTimeout   time.Duration
 	dontDrain      bool
 	backlog        int
+	reusePort      bool
+	keepAlive      *net.KeepAliveConfig
 	tls            *tls.Config
 	dialer         *net.Dialer
 	inputLimit     int
@@ -210,13 +213,13 @@ func newConfig(c call, opts []Option) (*config, error) {
 	cfg := &config{backlog: -1, inputLimit: defaultInputLimit}
 	for _, o := range opts {
 		if o.apply == nil {
-			return nil, fmt.Errorf("asynctcp: %s: zero Option (build options with the option functions)", c)
+			return nil, badArg("%s: zero Option (build options with the option functions)", c)
 		}
 		if o.where&c == 0 {
-			return nil, fmt.Errorf("asynctcp: option %s does not apply to %s", o.name, c)
+			return nil, badArg("option %s does not apply to %s", o.name, c)
 		}
 		if o.err != nil {
-			return nil, fmt.Errorf("asynctcp: option %s: %w", o.name, o.err)
+			return nil, &argError{msg: fmt.Sprintf("asynctcp: option %s: %v", o.name, o.err), err: o.err}
 		}
 		o.apply(cfg)
 	}
@@ -301,6 +304,28 @@ func checkTimeout(d time.Duration) error {
 // Serve: the stream-mode calls keep their input so anyway).
 func DontDrainReadBuffer() Option {
 	return Option{name: "DontDrainReadBuffer", where: sockets, apply: func(c *config) { c.dontDrain = true }}
+}
+
+// ReusePort sets SO_REUSEPORT on the server's socket before it binds, so
+// that several servers, in one process or several, can listen on one port
+// while the kernel spreads the connections among them (Listen,
+// ListenStream, NewListener). Where the platform lacks SO_REUSEPORT,
+// Listen returns an ErrBadArgument error wrapping errors.ErrUnsupported.
+func ReusePort() Option {
+	var err error
+	if !haveReusePort {
+		err = errors.ErrUnsupported
+	}
+	return Option{name: "ReusePort", where: listens, err: err, apply: func(c *config) { c.reusePort = true }}
+}
+
+// KeepAlive sets TCP keep-alive on the connection (Connect*, Wrap* of a
+// TCP connection or a *tls.Conn over one) or on every accepted connection
+// (Listen*, Serve*), with net.KeepAliveConfig's meaning: a peer that stops
+// answering the probes ends the socket with an error event. On a
+// connection that is not TCP it does nothing.
+func KeepAlive(cfg net.KeepAliveConfig) Option {
+	return Option{name: "KeepAlive", where: sockets, apply: func(c *config) { c.keepAlive = &cfg }}
 }
 
 // Backlog is :backlog: the listen(2) backlog of the server's socket. n < 0
@@ -454,10 +479,10 @@ func (l *Loop) Send(host string, port int, data []byte, read ReadFunc, event Eve
 
 func (l *Loop) connect(c call, host string, port int, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Socket, error) {
 	if l == nil {
-		return nil, errors.New("asynctcp: nil *Loop")
+		return nil, errNilLoop
 	}
 	if port < 1 || port > 65535 {
-		return nil, fmt.Errorf("asynctcp: %s: port %d is outside 1-65535", c, port)
+		return nil, badArg("%s: port %d is outside 1-65535", c, port)
 	}
 	cfg, err := newConfig(c, opts)
 	if err != nil {
@@ -512,10 +537,10 @@ func (l *Loop) WrapStream(conn net.Conn, read StreamFunc, event EventFunc, opts 
 
 func (l *Loop) wrap(c call, conn net.Conn, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Socket, error) {
 	if l == nil {
-		return nil, errors.New("asynctcp: nil *Loop")
+		return nil, errNilLoop
 	}
 	if conn == nil {
-		return nil, fmt.Errorf("asynctcp: %s: nil net.Conn", c)
+		return nil, badArg("%s: nil net.Conn", c)
 	}
 	cfg, err := newConfig(c, opts)
 	if err != nil {
@@ -545,7 +570,7 @@ func (l *Loop) ListenStream(bindAddress string, port int, read StreamFunc, event
 
 func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Server, error) {
 	if l == nil {
-		return nil, errors.New("asynctcp: nil *Loop")
+		return nil, errNilLoop
 	}
 	if err := checkListenPort(c.String(), port); err != nil {
 		return nil, err
@@ -554,7 +579,7 @@ func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread
 	if err != nil {
 		return nil, err
 	}
-	ln, err := bind(bindAddress, port, cfg.backlog)
+	ln, err := bind(bindAddress, port, cfg.backlog, cfg.reusePort)
 	if err != nil {
 		return nil, err
 	}
@@ -563,18 +588,23 @@ func (l *Loop) listen(c call, bindAddress string, port int, read ReadFunc, sread
 
 func checkListenPort(name string, port int) error {
 	if port < 0 || port > 65535 {
-		return fmt.Errorf("asynctcp: %s: port %d is outside 0-65535", name, port)
+		return badArg("%s: port %d is outside 0-65535", name, port)
 	}
 	return nil
 }
 
 // bind listens on bindAddress ("" is 0.0.0.0) and port with the backlog
-// asked for (< 0: the system's). A failure is an *Event.
-func bind(bindAddress string, port, backlog int) (net.Listener, error) {
+// asked for (< 0: the system's), with SO_REUSEPORT where asked. A failure
+// is an *Event.
+func bind(bindAddress string, port, backlog int, reuse bool) (net.Listener, error) {
 	if bindAddress == "" {
 		bindAddress = "0.0.0.0"
 	}
-	ln, err := (&net.ListenConfig{}).Listen(context.Background(), "tcp", net.JoinHostPort(bindAddress, strconv.Itoa(port)))
+	var lc net.ListenConfig
+	if reuse {
+		lc.Control = func(_, _ string, c syscall.RawConn) error { return reusePort(c) }
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(bindAddress, strconv.Itoa(port)))
 	if err != nil {
 		return nil, newEvent(nil, err)
 	}
@@ -604,10 +634,10 @@ func (l *Loop) ServeStream(ln net.Listener, read StreamFunc, event EventFunc, op
 
 func (l *Loop) serveListener(c call, ln net.Listener, read ReadFunc, sread StreamFunc, event EventFunc, opts []Option) (*Server, error) {
 	if l == nil {
-		return nil, errors.New("asynctcp: nil *Loop")
+		return nil, errNilLoop
 	}
 	if ln == nil {
-		return nil, fmt.Errorf("asynctcp: %s: nil net.Listener", c)
+		return nil, badArg("%s: nil net.Listener", c)
 	}
 	cfg, err := newConfig(c, opts)
 	if err != nil {

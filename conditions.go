@@ -164,6 +164,23 @@ func newPanicError(v any, s *Socket) *PanicError {
 	return &PanicError{Value: v, Stack: debug.Stack(), Socket: s}
 }
 
+// argError is an invalid argument to a call: its text names the call or
+// the option, and errors.Is matches it to ErrBadArgument (and to the
+// option's own reason, where it has one).
+type argError struct {
+	msg string
+	err error
+}
+
+func (e *argError) Error() string        { return e.msg }
+func (e *argError) Is(target error) bool { return target == ErrBadArgument }
+func (e *argError) Unwrap() error        { return e.err }
+
+// badArg returns an argError whose text is "asynctcp: " and the format.
+func badArg(format string, args ...any) error {
+	return &argError{msg: "asynctcp: " + fmt.Sprintf(format, args...)}
+}
+
 // closedError is the socket-closed event returned by methods of a closed
 // socket.
 func closedError(s *Socket) *Event {

@@ -83,6 +83,9 @@ func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
 // A socket closed while connecting only flushes; one aborted meanwhile
 // closes conn.
 func (s *Socket) adopt(conn net.Conn) {
+	if s.keepAlive != nil {
+		setKeepAlive(conn, *s.keepAlive)
+	}
 	s.mu.Lock()
 	up := s.attachLocked(conn)
 	if up {
@@ -121,4 +124,15 @@ func (s *Socket) attachLocked(conn net.Conn) bool {
 	s.qmu.Unlock()
 	s.kickLocked()
 	return true
+}
+
+// setKeepAlive sets TCP keep-alive on conn, or on the TCP conn under a
+// *tls.Conn; other conns have none.
+func setKeepAlive(conn net.Conn, cfg net.KeepAliveConfig) {
+	if tc, ok := conn.(*tls.Conn); ok {
+		conn = tc.NetConn()
+	}
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		tcp.SetKeepAliveConfig(cfg)
+	}
 }

@@ -109,70 +109,80 @@ func (s *Socket) dispatchRead(data []byte) bool {
 // readJob runs the read-cb with data, unless the socket is closed (the
 // data is dropped) or reading was disabled (it reports false).
 func (s *Socket) readJob(data []byte) bool {
-	s.mu.Lock()
-	if !s.callbacksOpenLocked() {
+	ok := true
+	s.invoke(func() {
+		s.mu.Lock()
+		cb, open := s.read, s.startLocked()
+		if open && s.enabled&EvRead == 0 {
+			ok, open = false, false
+		}
 		s.mu.Unlock()
-		return true
-	}
-	if s.enabled&EvRead == 0 {
-		s.mu.Unlock()
-		return false
-	}
-	cb := s.read
-	s.mu.Unlock()
-	if cb != nil {
-		s.invoke(func() { cb(s, data) })
-	}
-	return true
+		if open && cb != nil {
+			cb(s, data)
+		}
+	})
+	return ok
 }
 
 // connected runs the connect-cb.
 func (s *Socket) connected() {
-	s.mu.Lock()
-	cb := s.connectCb
-	ok := s.callbacksOpenLocked()
-	s.mu.Unlock()
-	if ok && cb != nil {
-		s.invoke(func() { cb(s) })
-	}
+	s.invoke(func() {
+		s.mu.Lock()
+		cb, open := s.connectCb, s.startLocked()
+		s.mu.Unlock()
+		if open && cb != nil {
+			cb(s)
+		}
+	})
 }
 
 // drained runs the write-cb: the output fell to the low watermark.
 func (s *Socket) drained() {
-	s.mu.Lock()
-	cb := s.write
-	ok := s.callbacksOpenLocked()
-	s.mu.Unlock()
-	if ok && cb != nil {
-		s.invoke(func() { cb(s) })
-	}
+	s.invoke(func() {
+		s.mu.Lock()
+		cb, open := s.write, s.startLocked()
+		s.mu.Unlock()
+		if open && cb != nil {
+			cb(s)
+		}
+	})
 }
 
 // emit gives ev to the socket's event-cb, or the loop's handler. A panic in
 // the event-cb goes to the loop's handler, never back to the event-cb.
 func (s *Socket) emit(ev error) {
-	s.mu.Lock()
-	cb := s.event
-	ok := s.callbacksOpenLocked()
-	s.mu.Unlock()
-	if ok {
-		s.touched.Store(true)
-	}
-	switch {
-	case !ok:
-	case cb == nil:
-		s.loop.handle(ev)
-	default:
-		if pe := s.loop.call(func() { cb(ev) }, s); pe != nil {
-			s.loop.handle(pe)
+	pe := s.loop.call(func() {
+		s.mu.Lock()
+		cb, open := s.event, s.startLocked()
+		s.mu.Unlock()
+		switch {
+		case !open:
+		case cb == nil:
+			s.loop.handle(ev)
+		default:
+			cb(ev)
 		}
+	}, s)
+	if pe != nil {
+		s.loop.handle(pe)
 	}
+}
+
+// startLocked is the check that starts a callback: it reports whether one
+// may start (callbacksOpenLocked) and notes that the socket ran one. The
+// callback runs right after it, inside Loop.call, so that nothing but the
+// unlock lies between the check and the callback. mu is held.
+func (s *Socket) startLocked() bool {
+	open := s.callbacksOpenLocked()
+	if open {
+		s.touched = true
+	}
+	return open
 }
 
 // invoke runs a read, write or connect callback. A recovered panic
 // (CatchAppErrors) goes to the event-cb, and the socket is aborted.
 func (s *Socket) invoke(f func()) {
-	s.touched.Store(true)
 	pe := s.loop.call(f, s)
 	if pe == nil {
 		return

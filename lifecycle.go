@@ -52,7 +52,7 @@ func (s *Socket) startClosingLocked(cause error) {
 func (s *Socket) closed() {
 	s.mu.Lock()
 	cb, err := s.onClose, s.endErr
-	run := cb != nil && !s.exited && s.touched.Load()
+	run := cb != nil && !s.exited && s.touched
 	s.startClosingLocked(closedError(s)) // a socket that never came up
 	s.mu.Unlock()
 	if run {

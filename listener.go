@@ -2,7 +2,6 @@ package asynctcp
 
 import (
 	"errors"
-	"fmt"
 	"net"
 	"sync"
 )
@@ -59,7 +58,7 @@ func NewListener(bindAddress string, port int, opts ...Option) (net.Listener, er
 // on a listener without the TLS option.
 func (l *Loop) NewListener(bindAddress string, port int, opts ...Option) (net.Listener, error) {
 	if l == nil {
-		return nil, errors.New("asynctcp: nil *Loop")
+		return nil, errNilLoop
 	}
 	if err := checkListenPort("NewListener", port); err != nil {
 		return nil, err
@@ -68,7 +67,7 @@ func (l *Loop) NewListener(bindAddress string, port int, opts ...Option) (net.Li
 	if err != nil {
 		return nil, err
 	}
-	tcp, err := bind(bindAddress, port, cfg.backlog)
+	tcp, err := bind(bindAddress, port, cfg.backlog, cfg.reusePort)
 	if err != nil {
 		return nil, err
 	}
@@ -98,9 +97,9 @@ func listenerConfig(opts []Option) (*config, error) {
 	for _, o := range opts {
 		switch {
 		case o.apply == nil:
-			return nil, errors.New("asynctcp: NewListener: zero Option (build options with the option functions)")
+			return nil, badArg("NewListener: zero Option (build options with the option functions)")
 		case o.where&callListenStream == 0, o.notices:
-			return nil, fmt.Errorf("asynctcp: option %s does not apply to NewListener", o.name)
+			return nil, badArg("option %s does not apply to NewListener", o.name)
 		}
 	}
 	return newConfig(callListenStream, opts)

@@ -2,7 +2,6 @@ package asynctcp
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
 	"reflect"
 	"runtime"
@@ -40,6 +39,8 @@ type Loop struct {
 	serial  sync.Mutex   // the callback lock: held around each job when Serial
 	calling atomic.Int64 // callbacks of the loop under way
 }
+
+var errNilLoop = badArg("nil *Loop")
 
 // DefaultLoop is the loop of the package-level functions.
 var DefaultLoop = &Loop{}
@@ -79,7 +80,7 @@ func (l *Loop) Stats() Stats {
 // at once.
 func (l *Loop) Wait() error {
 	if l.insideCallback() {
-		return fmt.Errorf("asynctcp: Loop.Wait called inside a callback of its own loop, which it would wait for forever: %w", ErrBadArgument)
+		return badArg("Loop.Wait called inside a callback of its own loop, which it would wait for forever")
 	}
 	l.mu.Lock()
 	for len(l.sockets)+len(l.servers) > 0 {

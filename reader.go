@@ -270,14 +270,18 @@ func (s *Socket) notify() {
 	if s.enabled&EvRead == 0 && len(s.in) > 0 {
 		s.notice = noticeHeld
 	}
-	skip := !s.callbacksOpenLocked() || s.enabled&EvRead == 0 || len(s.in) == 0
-	read, sread := s.read, s.sread
 	s.mu.Unlock()
-	switch {
-	case skip:
-	case sread != nil:
-		s.invoke(func() { sread(s, s.stream) })
-	case read != nil:
-		s.invoke(func() { read(s, nil) })
-	}
+	s.invoke(func() {
+		s.mu.Lock()
+		open := s.enabled&EvRead != 0 && len(s.in) > 0 && s.startLocked()
+		read, sread := s.read, s.sread
+		s.mu.Unlock()
+		switch {
+		case !open:
+		case sread != nil:
+			sread(s, s.stream)
+		case read != nil:
+			read(s, nil)
+		}
+	})
 }

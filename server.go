@@ -4,13 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"net"
 	"sync"
 	"time"
 )
 
-var errNilServer = fmt.Errorf("asynctcp: nil *Server: %w", ErrBadArgument)
+// nilServer is the error of a method called on a nil *Server.
+func nilServer(method string) error { return badArg("%s: nil *Server", method) }
 
 // Server is cl-async's tcp-server: a listener whose accepted connections
 // become sockets with the server's callbacks and options.
@@ -133,7 +133,7 @@ func (srv *Server) forget(s *Socket) {
 // nothing and returns nil.
 func (srv *Server) Close() error {
 	if srv == nil {
-		return errNilServer
+		return nilServer("Server.Close")
 	}
 	srv.mu.Lock()
 	if srv.closed {
@@ -175,10 +175,10 @@ func (srv *Server) Addr() net.Addr {
 // ErrBadArgument error at once.
 func (srv *Server) Shutdown(ctx context.Context) error {
 	if srv == nil {
-		return errNilServer
+		return nilServer("Server.Shutdown")
 	}
 	if srv.loop.insideCallback() {
-		return fmt.Errorf("asynctcp: Server.Shutdown called inside a callback of its loop, where it could wait for itself: %w", ErrBadArgument)
+		return badArg("Server.Shutdown called inside a callback of its loop, where it could wait for itself")
 	}
 	if err := srv.Close(); err != nil {
 		return err

@@ -157,7 +157,9 @@ const (
 	noticeHeld          // input came while reading was disabled: Enable sends it
 )
 
-var errNilSocket = fmt.Errorf("asynctcp: nil *Socket: %w", ErrBadArgument)
+// nilSocket is the error of a method called on a nil *Socket (or a Stream
+// without one).
+func nilSocket(method string) error { return badArg("%s: nil *Socket", method) }
 
 // Socket is cl-async's socket: one connection, with a reader goroutine, a
 // writer that drains its output buffer while there is output (started on
@@ -181,12 +183,12 @@ type Socket struct {
 	rlims          []*limit
 	wlims          []*limit
 	onClose        CloseFunc
+	keepAlive      *net.KeepAliveConfig
 	grp            errgroup.Group
 
-	// Atomic: counters, and whether the application has seen the socket.
+	// Atomic: the counters.
 	bytesRead    atomic.Int64
 	bytesWritten atomic.Int64
-	touched      atomic.Bool // it ran a callback or was returned (OnClose)
 
 	// Guarded by mu: the state.
 	mu       sync.Mutex
@@ -202,6 +204,7 @@ type Socket struct {
 	cancel   context.CancelFunc // stops the connect
 	abortive bool               // the finisher closes the conn at once (no TLS close_notify)
 	exited   bool               // Loop.Exit closed it: no close-cb
+	touched  bool               // it ran a callback or was returned: it gets a close-cb
 	endErr   error              // the event that ended it, for the close-cb
 	closing  error              // why it started to close: the Context's cause
 	watch    *watchers          // Done and Context, made on first use
@@ -255,6 +258,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		write:          cfg.onWrite,
 		connectCb:      cfg.onConnect,
 		onClose:        cfg.onClose,
+		keepAlive:      cfg.keepAlive,
 		streaming:      streaming || cfg.dontDrain,
 		inLimit:        cfg.inputLimit,
 		lowWater:       cfg.lowWater,
@@ -283,7 +287,7 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		s.out = [][]byte{cfg.data}
 		s.outLen = len(cfg.data)
 	}
-	s.touched.Store(srv == nil) // Connect and Wrap return it
+	s.touched = srv == nil // Connect and Wrap return it
 	l.addSocket(s)
 	return s
 }
@@ -531,7 +535,7 @@ func (s *Socket) SetData(v any) {
 
 func checkEvents(name string, ev Events) error {
 	if ev&^(EvRead|EvWrite) != 0 {
-		return fmt.Errorf("asynctcp: %s: unknown events %d: %w", name, uint8(ev), ErrBadArgument)
+		return badArg("%s: unknown events %d", name, uint8(ev))
 	}
 	return nil
 }
@@ -540,7 +544,7 @@ func checkEvents(name string, ev Events) error {
 // (EvWrite). Enabling an enabled direction does nothing.
 func (s *Socket) Enable(ev Events) error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.Enable")
 	}
 	if err := checkEvents("Enable", ev); err != nil {
 		return err
@@ -569,7 +573,7 @@ func (s *Socket) Enable(ev Events) error {
 // write already under way finishes: that is at most one batch of 256 KiB.
 func (s *Socket) Disable(ev Events) error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.Disable")
 	}
 	if err := checkEvents("Disable", ev); err != nil {
 		return err
@@ -602,7 +606,7 @@ func (s *Socket) Closed() bool {
 // starts after it. On a closed socket it returns an ErrSocketClosed event.
 func (s *Socket) Close() error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.Close")
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -621,7 +625,7 @@ func (s *Socket) Close() error {
 // event (and still cuts short a flush that Close began).
 func (s *Socket) Abort() error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.Abort")
 	}
 	s.mu.Lock()
 	wasClosed := s.closer != nobody

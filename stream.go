@@ -41,7 +41,7 @@ func (st *Stream) Socket() *Socket { return st.s }
 // deadline (a net.Error whose Timeout is true; the socket stays open).
 func (st *Stream) Read(p []byte) (int, error) {
 	if st == nil || st.s == nil {
-		return 0, errNilSocket
+		return 0, nilSocket("Stream.Read")
 	}
 	s := st.s
 	s.mu.Lock()
@@ -93,7 +93,7 @@ func (s *Socket) consumeLocked(n int) {
 // input has ended.
 func (st *Stream) TryRead(p []byte) (int, error) {
 	if st == nil || st.s == nil {
-		return 0, errNilSocket
+		return 0, nilSocket("Stream.TryRead")
 	}
 	st.s.mu.Lock()
 	defer st.s.mu.Unlock()
@@ -124,7 +124,7 @@ func (st *Stream) ReadByte() (byte, error) {
 // Socket.Close, CloseWrite, Abort).
 func (st *Stream) Write(p []byte) (int, error) {
 	if st == nil || st.s == nil {
-		return 0, errNilSocket
+		return 0, nilSocket("Stream.Write")
 	}
 	s := st.s
 	s.mu.Lock()
@@ -231,7 +231,7 @@ func (st *Stream) ClearOutput() {
 // ended first, or a timeout at the write deadline.
 func (st *Stream) Flush() error {
 	if st == nil || st.s == nil {
-		return errNilSocket
+		return nilSocket("Stream.Flush")
 	}
 	s := st.s
 	s.mu.Lock()
@@ -256,7 +256,7 @@ func (st *Stream) Flush() error {
 // does, and an ErrSocketClosed event where the application had.
 func (st *Stream) Close() error {
 	if st == nil || st.s == nil {
-		return errNilSocket
+		return nilSocket("Stream.Close")
 	}
 	s := st.s
 	s.mu.Lock()

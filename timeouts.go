@@ -2,7 +2,6 @@ package asynctcp
 
 import (
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"time"
@@ -58,10 +57,10 @@ var aLongTimeAgo = time.Unix(1, 0)
 // error.
 func (s *Socket) SetTimeouts(read, write time.Duration) error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.SetTimeouts")
 	}
 	if read < 0 || write < 0 {
-		return fmt.Errorf("asynctcp: SetTimeouts: negative timeout (read %v, write %v): %w", read, write, ErrBadArgument)
+		return badArg("SetTimeouts: negative timeout (read %v, write %v)", read, write)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -27,7 +27,7 @@ const (
 // returns an ErrSocketClosed event and queues nothing.
 func (s *Socket) WriteData(data []byte, opts ...Option) error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.WriteData")
 	}
 	var cfg *config
 	if len(opts) > 0 {
@@ -77,7 +77,7 @@ func (s *Socket) Write(p []byte) (int, error) {
 // WriteString is io.StringWriter: WriteData of the string's bytes.
 func (s *Socket) WriteString(str string) (int, error) {
 	if s == nil {
-		return 0, errNilSocket
+		return 0, nilSocket("Socket.WriteString")
 	}
 	if err := s.WriteData([]byte(str)); err != nil {
 		return 0, err
@@ -108,7 +108,7 @@ func (s *Socket) Writable() bool {
 // wrapping errors.ErrUnsupported.
 func (s *Socket) CloseWrite() error {
 	if s == nil {
-		return errNilSocket
+		return nilSocket("Socket.CloseWrite")
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

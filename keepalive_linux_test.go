@@ -1,0 +1,128 @@
+package asynctcp_test
+
+import (
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/asynctcp/asynctcp"
+)
+
+// keepAliveOf reads SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and
+// TCP_KEEPCNT back from conn's socket.
+func keepAliveOf(t *testing.T, conn net.Conn) (on, idle, intvl, cnt int) {
+	t.Helper()
+	tcp, ok := conn.(*net.TCPConn)
+	if !ok {
+		t.Fatalf("conn is %T, want *net.TCPConn", conn)
+	}
+	rc, err := tcp.SyscallConn()
+	if err != nil {
+		t.Fatalf("SyscallConn: %v", err)
+	}
+	var gerr error
+	get := func(fd uintptr, level, opt int) int {
+		v, err := syscall.GetsockoptInt(int(fd), level, opt)
+		if err != nil && gerr == nil {
+			gerr = err
+		}
+		return v
+	}
+	rc.Control(func(fd uintptr) {
+		on = get(fd, syscall.SOL_SOCKET, syscall.SO_KEEPALIVE)
+		idle = get(fd, syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE)
+		intvl = get(fd, syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL)
+		cnt = get(fd, syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT)
+	})
+	if gerr != nil {
+		t.Fatalf("getsockopt: %v", gerr)
+	}
+	return on, idle, intvl, cnt
+}
+
+// KeepAlive reaches the socket: read back with getsockopt on a dialed
+// connection, on an accepted one, and on a wrapped one. (That a dead peer
+// is then detected end to end is the kernel's part; it needs packets to be
+// dropped, which loopback without privileges cannot do, so it is not
+// tested here.)
+func TestKeepAliveReachesTheSocket(t *testing.T) {
+	l := newTestLoop(t)
+	accepted := make(chan *asynctcp.Socket, 1)
+	srvCfg := net.KeepAliveConfig{Enable: true, Idle: 11 * time.Second, Interval: 5 * time.Second, Count: 6}
+	cliCfg := net.KeepAliveConfig{Enable: true, Idle: 7 * time.Second, Interval: 3 * time.Second, Count: 4}
+	srv, port := listenLocal(t, l, nil, func(error) {}, asynctcp.KeepAlive(srvCfg),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) { accepted <- s }))
+	c := connectLocal(t, l, port, nil, func(error) {}, asynctcp.KeepAlive(cliCfg))
+	a := waitFor(t, accepted, "the accepted socket")
+	eventually(t, "the client to connect", func() bool { return c.Conn() != nil })
+
+	ln, rawPort := listenRaw(t)
+	raw := dialRaw(t, rawPort)
+	peer := acceptRaw(t, ln)
+	defer peer.Close()
+	wrCfg := net.KeepAliveConfig{Enable: true, Idle: 13 * time.Second, Interval: 2 * time.Second, Count: 3}
+	w, err := l.Wrap(raw, nil, func(error) {}, asynctcp.KeepAlive(wrCfg))
+	if err != nil {
+		t.Fatalf("Wrap: %v", err)
+	}
+	for _, x := range []struct {
+		name string
+		s    *asynctcp.Socket
+		cfg  net.KeepAliveConfig
+	}{{"dialed", c, cliCfg}, {"accepted", a, srvCfg}, {"wrapped", w, wrCfg}} {
+		on, idle, intvl, cnt := keepAliveOf(t, x.s.Conn())
+		if on == 0 || idle != int(x.cfg.Idle/time.Second) || intvl != int(x.cfg.Interval/time.Second) || cnt != x.cfg.Count {
+			t.Errorf("%s: SO_KEEPALIVE %d, TCP_KEEPIDLE %d, TCP_KEEPINTVL %d, TCP_KEEPCNT %d; want on, %v, %v, %d",
+				x.name, on, idle, intvl, cnt, x.cfg.Idle, x.cfg.Interval, x.cfg.Count)
+		}
+	}
+	// Not TCP: ignored.
+	pa, pb := net.Pipe()
+	defer pb.Close()
+	p, err := l.Wrap(pa, nil, func(error) {}, asynctcp.KeepAlive(wrCfg))
+	if err != nil {
+		t.Fatalf("Wrap(net.Pipe) with KeepAlive: %v", err)
+	}
+	for _, s := range []*asynctcp.Socket{c, a, w, p} {
+		s.Close()
+	}
+	srv.Close()
+	waitLoopClean(t, l, waitTimeout)
+}
+
+// With ReusePort two servers listen on one port and both receive
+// connections; without it the second bind fails with address-in-use.
+func TestReusePortSharesAPort(t *testing.T) {
+	l := newTestLoop(t)
+	var got [2]chan struct{}
+	var srvs [2]*asynctcp.Server
+	port := 0
+	for i := range srvs {
+		got[i] = make(chan struct{}, 256)
+		ch := got[i]
+		srv, err := l.Listen("127.0.0.1", port, nil, func(error) {}, asynctcp.ReusePort(),
+			asynctcp.OnConnect(func(s *asynctcp.Socket) { ch <- struct{}{}; s.Close() }))
+		if err != nil {
+			t.Fatalf("Listen %d with ReusePort: %v", i, err)
+		}
+		srvs[i] = srv
+		port = portOf(t, srv.Addr())
+	}
+	if _, err := l.Listen("127.0.0.1", port, nil, nil); err == nil {
+		t.Errorf("a third Listen on the port without ReusePort succeeded")
+	} else {
+		wantClass(t, err, asynctcp.ErrAddressInUse, "Listen without ReusePort")
+	}
+	for range 128 {
+		c := dialRaw(t, port)
+		c.Close()
+	}
+	eventually(t, "128 connections accepted", func() bool { return len(got[0])+len(got[1]) == 128 })
+	if len(got[0]) == 0 || len(got[1]) == 0 {
+		t.Errorf("the kernel gave %d and %d connections to the two servers, want some to each", len(got[0]), len(got[1]))
+	}
+	srvs[0].Close()
+	srvs[1].Close()
+	waitLoopClean(t, l, waitTimeout)
+}
