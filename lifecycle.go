@@ -53,8 +53,12 @@ func (s *Socket) closed() {
 	s.mu.Lock()
 	cb, err := s.onClose, s.endErr
 	run := cb != nil && !s.exited && s.touched
+	end := s.onEnd
 	s.startClosingLocked(closedError(s)) // a socket that never came up
 	s.mu.Unlock()
+	if end != nil {
+		end()
+	}
 	if run {
 		held := s.loop.enter()
 		if pe := s.loop.call(func() { cb(s, err) }, s); pe != nil {

@@ -176,9 +176,6 @@ type Socket struct {
 	reuse          bool    // ReuseReadBuffer
 	halfOpen       bool    // AllowHalfOpen
 	notifyTimeouts bool
-	inLimit        int
-	lowWater       int // the write-cb runs when output falls to this
-	highWater      int // Writable is false from here; 0: no high watermark
 	maxBuf         int // WriteData refuses to queue past this; 0: no bound
 	rlims          []*limit
 	wlims          []*limit
@@ -211,7 +208,10 @@ type Socket struct {
 	fin      bool               // the finisher is done: Done is closed
 	data     any
 
-	// Guarded by mu: the callbacks.
+	// Guarded by mu: the callbacks, and what Pipe sets with them.
+	lowWater  int    // the write-cb runs when output falls to this
+	highWater int    // Writable is false from here; 0: no high watermark
+	onEnd     func() // Pipe: closes the other socket once this one ended
 	read      ReadFunc
 	sread     StreamFunc
 	event     EventFunc
@@ -219,6 +219,7 @@ type Socket struct {
 	connectCb ConnectFunc
 
 	// Guarded by mu: read state.
+	inLimit  int           // stream mode: the reader stops while in holds this much
 	in       []byte        // stream mode: received bytes not yet read
 	inEnd    error         // what reads return once the input is drained: io.EOF or the event
 	inWait   chan struct{} // see "Waits"

@@ -1,0 +1,81 @@
+package asynctcp
+
+// Pipe makes two open sockets a proxy pair, as Node's pipe and cl-async's
+// simple-proxy do: every byte read from one is written to the other, in
+// order, whatever the two sockets' read modes (a stream-mode socket's
+// input buffer is drained into the other). It replaces both sockets'
+// read-cb and write-cb; their event-cbs and close-cbs still get their
+// events.
+//
+// Reading from one side is disabled while the other side has high or more
+// bytes queued, and enabled again once that falls to low (0 <= low < high,
+// else an ErrBadArgument error). So behind a consumer that stops reading,
+// each direction holds at most high plus one read (32 KiB) in the pair's
+// buffers, and TCP flow control slows the producer. When one side ends
+// (EOF, an error, or a close), the other is closed gracefully, after what
+// it has queued is written.
+//
+// On a closed socket Pipe returns an ErrSocketClosed event and changes
+// neither socket.
+func Pipe(a, b *Socket, low, high int) error {
+	switch {
+	case a == nil || b == nil:
+		return badArg("Pipe: nil *Socket")
+	case a == b:
+		return badArg("Pipe: a socket cannot be piped to itself")
+	case low < 0 || low >= high:
+		return badArg("Pipe: want 0 <= low < high, got low %d, high %d", low, high)
+	}
+	for _, s := range []*Socket{a, b} {
+		if s.Closed() {
+			return closedError(s)
+		}
+	}
+	a.pipeTo(b, low, high)
+	b.pipeTo(a, low, high)
+	return nil
+}
+
+// pipeInput bounds the input buffer of a piped stream-mode socket, which
+// the relay empties into the other socket at once.
+const pipeInput = 64 << 10
+
+// pipeTo makes src's input go to dst, and src's write-cb enable dst's
+// reading, since src's output is what dst read.
+func (src *Socket) pipeTo(dst *Socket, low, high int) {
+	src.mu.Lock()
+	defer src.mu.Unlock()
+	src.read = func(_ *Socket, data []byte) { src.relay(dst, data, high) }
+	src.sread = nil
+	src.write = func(*Socket) { dst.Enable(EvRead) }
+	src.lowWater, src.highWater = low, high
+	src.onEnd = func() { dst.Close() }
+	src.inLimit = min(src.inLimit, pipeInput)
+	if len(src.in) > 0 && src.notice != noticeQueued && src.phase == open {
+		// Input that arrived before Pipe goes the same way.
+		src.notice = noticeQueued
+		src.dispatch(src.notify, false)
+	}
+}
+
+// relay writes what src read (data, or in stream mode src's input buffer)
+// to dst, and stops src's reading while dst has high or more bytes queued.
+// Unless the loop is Serial, dst's write-cb may run between the check and
+// the Disable, so the check comes again after it.
+func (src *Socket) relay(dst *Socket, data []byte, high int) {
+	if data == nil {
+		src.mu.Lock()
+		data = src.in
+		src.consumeLocked(len(data))
+		src.mu.Unlock()
+	}
+	if len(data) == 0 || dst.WriteData(data) != nil {
+		return // dst is closed: its end closes src
+	}
+	if dst.Buffered() >= high {
+		src.Disable(EvRead)
+		if dst.Buffered() < high {
+			src.Enable(EvRead)
+		}
+	}
+}
