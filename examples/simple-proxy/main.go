@@ -1,16 +1,14 @@
 // Command simple-proxy is cl-async's simple-proxy example on asynctcp: it
 // listens on a local address and, for each connection it accepts, connects
-// to a remote address and relays the bytes both ways. The two sockets of a
-// connection are paired through socket-data (Socket.SetData): when one
-// side closes, the proxy closes the other.
+// to a remote address and relays the bytes both ways: the two sockets of a
+// connection are a Pipe, which closes one side once the other ends.
 //
 //	go run ./examples/simple-proxy -listen 127.0.0.1:8080 -to example.com:80
 //
 // Unlike the original, it never buffers without bound: when a destination
-// has too much output queued (-high), the proxy stops reading from the
-// source (Socket.Disable) until the destination's write-cb says its output
-// fell to -low (Socket.Enable), so the slow side slows the fast one through
-// TCP flow control.
+// has too much output queued (-high), Pipe stops reading from the source
+// until the destination's output fell to -low, so the slow side slows the
+// fast one through TCP flow control.
 //
 // With -debug it prints a hex dump of every chunk it relays; with -stats,
 // the open connections and the throughput of each direction every 2
@@ -25,6 +23,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -107,18 +106,23 @@ func run(ctx context.Context, out io.Writer, args []string) error {
 	return px.serve(ctx)
 }
 
-// proxy relays the connections of one server.
+// proxy relays the connections of one server: each client's socket and
+// its upstream's are a Pipe, which carries the bytes and the back-pressure
+// both ways and closes one side when the other ends.
 type proxy struct {
 	cfg    config
 	loop   *asynctcp.Loop
 	p      *printer
 	toHost string
 	toPort int
-	opts   []asynctcp.Option // for both sockets of a pair
 
-	up, down  atomic.Int64 // bytes relayed client to upstream, upstream to client
-	pauses    atomic.Int64 // times a source was disabled for back-pressure
-	maxQueued atomic.Int64 // the most output seen queued on a destination
+	mu      sync.Mutex
+	clients map[*asynctcp.Socket]bool // open clients
+	ups     map[*asynctcp.Socket]bool // open upstreams
+	up      int64                     // bytes closed upstreams were sent (client to upstream)
+	down    int64                     // bytes closed clients were sent (upstream to client)
+
+	maxQueued atomic.Int64 // the most output seen queued on one side (sampled by queued)
 }
 
 func newProxy(c config, out io.Writer) (*proxy, error) {
@@ -126,15 +130,11 @@ func newProxy(c config, out io.Writer) (*proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("-to: %w", err)
 	}
-	px := &proxy{cfg: c, loop: &asynctcp.Loop{}, p: &printer{w: out}, toHost: host, toPort: port}
-	px.opts = []asynctcp.Option{
-		asynctcp.WriteWatermarks(c.low, c.high), // validated here: bad values are an error
-		asynctcp.OnWrite(px.resume),
-		// The read-cb only copies the bytes into the other socket's output
-		// (WriteData copies), so it may borrow the read buffer.
-		asynctcp.ReuseReadBuffer(),
+	if c.high == 0 { // never pause: a high watermark nothing reaches
+		c.high = math.MaxInt
 	}
-	return px, nil
+	return &proxy{cfg: c, loop: &asynctcp.Loop{}, p: &printer{w: out}, toHost: host, toPort: port,
+		clients: make(map[*asynctcp.Socket]bool), ups: make(map[*asynctcp.Socket]bool)}, nil
 }
 
 func splitHostPort(addr string) (string, int, error) {
@@ -150,15 +150,26 @@ func splitHostPort(addr string) (string, int, error) {
 }
 
 // serve listens, relays until ctx ends, then stops accepting and lets the
-// open connections finish within the grace period.
+// open connections finish within the grace period. With -debug it serves a
+// listener whose connections print what passes through them.
 func (px *proxy) serve(ctx context.Context) error {
 	host, port, err := splitHostPort(px.cfg.listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
-	opts := append([]asynctcp.Option{asynctcp.OnConnect(px.accepted)}, px.opts...)
-	srv, err := px.loop.Listen(host, port, px.fromClient, px.clientEvent, opts...)
-	if err != nil {
+	opts := []asynctcp.Option{asynctcp.OnConnect(px.accepted), asynctcp.OnClose(px.clientClosed)}
+	var srv *asynctcp.Server
+	if px.cfg.debug {
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err != nil {
+			return err
+		}
+		srv, err = px.loop.Serve(dumpListener{ln, px}, nil, px.clientEvent, opts...)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+	} else if srv, err = px.loop.Listen(host, port, nil, px.clientEvent, opts...); err != nil {
 		return err
 	}
 	px.p.say("proxying %s to %s", srv.Addr(), px.cfg.to)
@@ -176,143 +187,162 @@ func (px *proxy) serve(ctx context.Context) error {
 }
 
 // accepted is the connect-cb of each client: it connects to the upstream
-// and pairs the two sockets. Writes to the upstream before it is up are
+// and pipes the two sockets. Writes to the upstream before it is up are
 // queued, and count against its high watermark like any other.
 func (px *proxy) accepted(client *asynctcp.Socket) {
 	if px.cfg.debug {
 		px.p.say("--- %s connected ---", client.RemoteAddr())
 	}
-	opts := append([]asynctcp.Option{
-		// The upstream's callbacks all come after its connect-cb.
-		asynctcp.OnConnect(func(up *asynctcp.Socket) { up.SetData(client) }),
-	}, px.opts...)
-	up, err := px.loop.Connect(px.toHost, px.toPort, px.fromUpstream, px.upstreamEvent(client), opts...)
+	up, err := px.loop.Connect(px.toHost, px.toPort, nil, px.upstreamEvent(client), asynctcp.OnClose(px.upClosed))
 	if err != nil {
 		px.p.say("connect to %s: %v", px.cfg.to, err)
 		client.Abort()
 		return
 	}
-	// The client's read-cb comes after this connect-cb returns.
-	client.SetData(up)
-}
-
-// peer returns the other socket of s's pair, or nil.
-func peer(s *asynctcp.Socket) *asynctcp.Socket {
-	p, _ := s.Data().(*asynctcp.Socket)
-	return p
-}
-
-func (px *proxy) fromClient(client *asynctcp.Socket, data []byte) {
-	if px.cfg.debug {
-		px.dump(fmt.Sprintf("%s -> %s", client.RemoteAddr(), px.cfg.to), data)
-	}
-	px.relay(client, data, &px.up)
-}
-
-func (px *proxy) fromUpstream(up *asynctcp.Socket, data []byte) {
-	if px.cfg.debug {
-		px.dump(fmt.Sprintf("%s -> %s", px.cfg.to, peer(up).RemoteAddr()), data)
-	}
-	px.relay(up, data, &px.down)
-}
-
-// dump prints a hex dump of data under a header that says where it goes.
-func (px *proxy) dump(dir string, data []byte) {
-	px.p.say("--- %s (%d bytes) ---\n%s", dir, len(data), strings.TrimSuffix(hex.Dump(data), "\n"))
-}
-
-// relay writes what src read to its peer. Where that leaves the peer with
-// too much queued, it stops reading src until the peer's write-cb (resume)
-// sees the queue drained; the peer's TCP window then slows the sender.
-func (px *proxy) relay(src *asynctcp.Socket, data []byte, count *atomic.Int64) {
-	dst := peer(src)
-	if dst == nil {
+	if err := asynctcp.Pipe(client, up, px.cfg.low, px.cfg.high); err != nil {
+		px.p.say("pipe: %v", err)
+		client.Abort()
+		up.Abort()
 		return
 	}
-	count.Add(int64(len(data)))
-	if err := dst.WriteData(data); err != nil {
-		src.Close() // the destination is gone
-		return
-	}
-	px.noteQueued(dst.Buffered())
-	if dst.Writable() {
-		return
-	}
-	src.Disable(asynctcp.EvRead)
-	px.pauses.Add(1)
-	// dst's write-cb may have run between Writable and Disable, and will
-	// not run again: check once more.
-	if dst.Writable() {
-		src.Enable(asynctcp.EvRead)
+	px.mu.Lock()
+	px.clients[client], px.ups[up] = true, true
+	px.mu.Unlock()
+}
+
+// clientClosed and upClosed are the close-cbs: a closed socket's bytes go
+// to the totals. Pipe closes each side when the other ends.
+func (px *proxy) clientClosed(client *asynctcp.Socket, _ error) {
+	px.mu.Lock()
+	defer px.mu.Unlock()
+	if px.clients[client] {
+		delete(px.clients, client)
+		px.down += client.BytesWritten()
 	}
 }
 
-// resume is the write-cb of every socket: its queue fell to the low
-// watermark, so its peer may be read again. A write-cb runs after the
-// write that caused it, not during it: where the peer's read-cb queued
-// more in between, the queue may be back above the high watermark. Then
-// reading stays off; the write that takes the queue down to the low
-// watermark again runs the write-cb again. (A read-cb may still slip in
-// between the check and Enable; the next one sees the queue full and
-// disables reading again, so the queue stays within two reads of the high
-// watermark.)
-func (px *proxy) resume(dst *asynctcp.Socket) {
-	src := peer(dst)
-	if src == nil || !dst.Writable() {
-		return
+func (px *proxy) upClosed(up *asynctcp.Socket, _ error) {
+	px.mu.Lock()
+	defer px.mu.Unlock()
+	if px.ups[up] {
+		delete(px.ups, up)
+		px.up += up.BytesWritten()
 	}
-	src.Enable(asynctcp.EvRead) // an error means src closed: nothing to resume
 }
 
-func (px *proxy) noteQueued(n int) {
+// totals returns the bytes relayed each way so far.
+func (px *proxy) totals() (up, down int64) {
+	px.mu.Lock()
+	defer px.mu.Unlock()
+	up, down = px.up, px.down
+	for s := range px.ups {
+		up += s.BytesWritten()
+	}
+	for s := range px.clients {
+		down += s.BytesWritten()
+	}
+	return up, down
+}
+
+// queued returns the most output queued on one socket of the open pairs,
+// and keeps the most it has seen in maxQueued.
+func (px *proxy) queued() int {
+	px.mu.Lock()
+	defer px.mu.Unlock()
+	most := 0
+	for _, set := range []map[*asynctcp.Socket]bool{px.clients, px.ups} {
+		for s := range set {
+			most = max(most, s.Buffered())
+		}
+	}
 	for {
 		m := px.maxQueued.Load()
-		if int64(n) <= m || px.maxQueued.CompareAndSwap(m, int64(n)) {
-			return
+		if int64(most) <= m || px.maxQueued.CompareAndSwap(m, int64(most)) {
+			return most
 		}
 	}
 }
 
-// clientEvent is the event-cb of the server and its clients: when a client
-// is done, the upstream is closed too, after what it has queued was sent.
+// clientEvent is the event-cb of the server and its clients.
 func (px *proxy) clientEvent(ev error) {
-	var e *asynctcp.Event
-	if !errors.As(ev, &e) || e.Socket == nil {
+	s := asynctcp.SocketOf(ev)
+	if s == nil {
 		px.p.say("server: %v", ev)
 		return
 	}
-	px.report("client", e)
-	if up := peer(e.Socket); up != nil {
-		up.Close() // an error means it closed already
-	}
+	px.report("client", ev)
 }
 
-// upstreamEvent is the event-cb of the upstream of client. It closes the
-// client, after what it has queued was sent; it knows the client without
-// socket-data, since a failed connect comes before the upstream's
-// connect-cb has paired the two.
+// upstreamEvent is the event-cb of the upstream of client. A failed
+// connect ends the upstream before Pipe could close the client for it.
 func (px *proxy) upstreamEvent(client *asynctcp.Socket) asynctcp.EventFunc {
 	return func(ev error) {
-		var e *asynctcp.Event
-		if errors.As(ev, &e) {
-			px.report("upstream", e)
-		} else {
-			px.p.say("upstream: %v", ev)
+		px.report("upstream", ev)
+		if errors.Is(ev, asynctcp.ErrTCPRefused) || errors.Is(ev, asynctcp.ErrDNSError) {
+			client.Close()
 		}
-		client.Close()
 	}
 }
 
 // report prints an event: errors always, the end of a connection with
 // -debug.
-func (px *proxy) report(side string, e *asynctcp.Event) {
-	if errors.Is(e, asynctcp.ErrTCPEOF) {
+func (px *proxy) report(side string, ev error) {
+	if errors.Is(ev, asynctcp.ErrTCPEOF) {
 		if px.cfg.debug {
-			px.p.say("--- %s %s closed ---", side, e.Socket.RemoteAddr())
+			px.p.say("--- %s %s closed ---", side, asynctcp.SocketOf(ev).RemoteAddr())
 		}
 		return
 	}
-	px.p.say("%s: %v", side, e)
+	px.p.say("%s: %v", side, ev)
+}
+
+// dumpListener is the listener of -debug: its connections print a hex dump
+// of every chunk read from and written to the client.
+type dumpListener struct {
+	net.Listener
+	px *proxy
+}
+
+func (l dumpListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return dumpConn{c, l.px}, nil
+}
+
+type dumpConn struct {
+	net.Conn
+	px *proxy
+}
+
+func (c dumpConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.px.dump(fmt.Sprintf("%s -> %s", c.RemoteAddr(), c.px.cfg.to), p[:n])
+	}
+	return n, err
+}
+
+func (c dumpConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if n > 0 {
+		c.px.dump(fmt.Sprintf("%s -> %s", c.px.cfg.to, c.RemoteAddr()), p[:n])
+	}
+	return n, err
+}
+
+// CloseWrite keeps half-close working through the dump.
+func (c dumpConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.ErrUnsupported
+}
+
+// dump prints a hex dump of data under a header that says where it goes.
+func (px *proxy) dump(dir string, data []byte) {
+	px.p.say("--- %s (%d bytes) ---\n%s", dir, len(data), strings.TrimSuffix(hex.Dump(data), "\n"))
 }
 
 // startStats prints the open connections and the throughput of each
@@ -336,10 +366,10 @@ func (px *proxy) startStats() (stop func()) {
 				return
 			case now := <-t.C:
 				secs := now.Sub(last).Seconds()
-				u, d := px.up.Load(), px.down.Load()
+				u, d := px.totals()
 				st := px.loop.Stats()
-				px.p.say("incoming: %d  outgoing: %d  client->upstream: %s/s  upstream->client: %s/s  paused: %d",
-					st.Incoming, st.Outgoing, size(float64(u-up)/secs), size(float64(d-down)/secs), px.pauses.Load())
+				px.p.say("incoming: %d  outgoing: %d  client->upstream: %s/s  upstream->client: %s/s  queued: %s",
+					st.Incoming, st.Outgoing, size(float64(u-up)/secs), size(float64(d-down)/secs), size(float64(px.queued())))
 				last, up, down = now, u, d
 			}
 		}
