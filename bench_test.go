@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -850,4 +851,120 @@ func bnChildPingPong(cfg bnChildConfig, conns []net.Conn) (bnChildResult, error)
 		return float64(lats[max(i-1, 0)]) / 1e3
 	}
 	return bnChildResult{Msgs: int64(len(lats)), Secs: cfg.Dur.Seconds(), P50us: pct(50), P99us: pct(99)}, nil
+}
+
+// BenchmarkProxyBulk10Conns64KiB is the bulk echo through a proxy in
+// front of the plain net echo server: a Pipe proxy on asynctcp against
+// the same proxy over plain net with io.Copy both ways (which splices on
+// Linux).
+func BenchmarkProxyBulk10Conns64KiB(b *testing.B) {
+	measure := func(b *testing.B, listen bnListen) float64 { return bnBulk(b, listen, 10, 64<<10) }
+	var p bnPair
+	b.Run("net", func(b *testing.B) { p.net(b, measure(b, bnListenProxyNet)) })
+	b.Run("asynctcp", func(b *testing.B) { p.async(b, "asynctcp", measure(b, bnListenProxyPipe())) })
+	b.Run("asynctcp-reuse", func(b *testing.B) {
+		p.async(b, "reuse", measure(b, bnListenProxyPipe(asynctcp.ReuseReadBuffer())))
+	})
+}
+
+// bnListenProxyNet starts a net echo server and, in front of it, a proxy
+// over plain net: per connection, a dial to the echo server and io.Copy
+// both ways.
+func bnListenProxyNet() (*bnServer, error) {
+	backend, err := bnListenNet()
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		backend.stop()
+		return nil, err
+	}
+	var (
+		mu    sync.Mutex
+		conns = map[net.Conn]struct{}{}
+		wg    sync.WaitGroup
+	)
+	track := func(c net.Conn) {
+		mu.Lock()
+		conns[c] = struct{}{}
+		mu.Unlock()
+	}
+	relay := func(dst, src net.Conn) {
+		defer wg.Done()
+		io.Copy(dst, src)
+		dst.Close()
+		src.Close()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", backend.addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			track(c)
+			track(up)
+			wg.Add(2)
+			go relay(up, c)
+			go relay(c, up)
+		}
+	}()
+	stop := func() error {
+		ln.Close()
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+		return backend.stop()
+	}
+	return &bnServer{addr: ln.Addr().String(), stop: stop}, nil
+}
+
+// bnListenProxyPipe returns a bnListen that starts a net echo server and,
+// in front of it, a Pipe proxy on a loop of its own; opts go to both
+// sockets of each pair.
+func bnListenProxyPipe(opts ...asynctcp.Option) bnListen {
+	return func() (*bnServer, error) {
+		backend, err := bnListenNet()
+		if err != nil {
+			return nil, err
+		}
+		l := &asynctcp.Loop{}
+		accepted := asynctcp.OnConnect(func(a *asynctcp.Socket) {
+			up, err := l.Connect("127.0.0.1", portNumber(backend.addr), nil, func(error) {}, opts...)
+			if err != nil {
+				a.Abort()
+				return
+			}
+			asynctcp.Pipe(a, up, 64<<10, 256<<10)
+		})
+		srv, err := l.Listen("127.0.0.1", 0, nil, func(error) {}, append([]asynctcp.Option{accepted}, opts...)...)
+		if err != nil {
+			backend.stop()
+			return nil, err
+		}
+		stop := func() error {
+			srv.Close()
+			l.Exit(nil)
+			l.Wait()
+			return backend.stop()
+		}
+		return &bnServer{addr: srv.Addr().String(), stop: stop}, nil
+	}
+}
+
+// portNumber is the port of a host:port address.
+func portNumber(addr string) int {
+	_, p, _ := net.SplitHostPort(addr)
+	n, _ := strconv.Atoi(p)
+	return n
 }
