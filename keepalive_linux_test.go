@@ -1,7 +1,12 @@
 package asynctcp_test
 
 import (
+	"errors"
+	"fmt"
 	"net"
+	"os"
+	"os/exec"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -43,9 +48,7 @@ func keepAliveOf(t *testing.T, conn net.Conn) (on, idle, intvl, cnt int) {
 
 // KeepAlive reaches the socket: read back with getsockopt on a dialed
 // connection, on an accepted one, and on a wrapped one. (That a dead peer
-// is then detected end to end is the kernel's part; it needs packets to be
-// dropped, which loopback without privileges cannot do, so it is not
-// tested here.)
+// is then found end to end is TestKeepAliveDetectsADeadPeer.)
 func TestKeepAliveReachesTheSocket(t *testing.T) {
 	l := newTestLoop(t)
 	accepted := make(chan *asynctcp.Socket, 1)
@@ -124,5 +127,90 @@ func TestReusePortSharesAPort(t *testing.T) {
 	}
 	srvs[0].Close()
 	srvs[1].Close()
+	waitLoopClean(t, l, waitTimeout)
+}
+
+// ktNetns makes a network namespace joined to this one by a veth pair:
+// this side is 10.199.0.1, the namespace's side 10.199.0.2. It returns the
+// namespace's name and a function that cuts the link (its side goes down,
+// so that nothing this side sends is answered). The test is skipped where
+// namespaces cannot be made (it needs root and the ip tool).
+func ktNetns(t *testing.T) (ns string, cut func()) {
+	t.Helper()
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("no ip tool (iproute2): cannot make a network namespace to freeze a peer in")
+	}
+	ns = fmt.Sprintf("asynctcp-ka-%d", os.Getpid())
+	host, peer := fmt.Sprintf("akh%d", os.Getpid()%100000), fmt.Sprintf("akp%d", os.Getpid()%100000)
+	run := func(args ...string) error {
+		out, err := exec.Command("ip", args...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	if err := run("netns", "add", ns); err != nil {
+		t.Skipf("cannot make a network namespace (%v): a dead peer cannot be shown here", err)
+	}
+	t.Cleanup(func() {
+		run("link", "del", host)
+		run("netns", "del", ns)
+	})
+	for _, args := range [][]string{
+		{"link", "add", host, "type", "veth", "peer", "name", peer},
+		{"link", "set", peer, "netns", ns},
+		{"addr", "add", "10.199.0.1/30", "dev", host},
+		{"link", "set", host, "up"},
+		{"netns", "exec", ns, "ip", "addr", "add", "10.199.0.2/30", "dev", peer},
+		{"netns", "exec", ns, "ip", "link", "set", peer, "up"},
+	} {
+		if err := run(args...); err != nil {
+			t.Skipf("cannot set up the namespace's link (%v): a dead peer cannot be shown here", err)
+		}
+	}
+	return ns, func() {
+		if err := run("netns", "exec", ns, "ip", "link", "set", peer, "down"); err != nil {
+			t.Errorf("cutting the link: %v", err)
+		}
+	}
+}
+
+// A peer that stops answering (its link cut, inside a network namespace)
+// is found by the keep-alive probes: the socket ends with an ErrTCPError
+// (ETIMEDOUT) or ErrTCPTimeout event, in about Idle + Count*Interval.
+func TestKeepAliveDetectsADeadPeer(t *testing.T) {
+	ns, cut := ktNetns(t)
+	l := newTestLoop(t)
+	events := newEventRecorder()
+	accepted := make(chan *asynctcp.Socket, 1)
+	srv, err := l.Listen("10.199.0.1", 0, nil, events.cb,
+		asynctcp.KeepAlive(net.KeepAliveConfig{Enable: true, Idle: time.Second, Interval: 500 * time.Millisecond, Count: 2}),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) { accepted <- s }))
+	if err != nil {
+		t.Fatalf("Listen on the veth address: %v", err)
+	}
+	port := portOf(t, srv.Addr())
+	// The peer: a shell in the namespace holding a connection open.
+	peer := exec.Command("ip", "netns", "exec", ns, "bash", "-c",
+		fmt.Sprintf("exec 3<>/dev/tcp/10.199.0.1/%d; sleep 30", port))
+	if err := peer.Start(); err != nil {
+		t.Skipf("cannot start a peer in the namespace: %v", err)
+	}
+	t.Cleanup(func() {
+		peer.Process.Kill()
+		peer.Wait()
+	})
+	s := waitFor(t, accepted, "the peer's connection")
+	cut()
+	start := time.Now()
+	ev := waitForWithin(t, events.ch, 20*time.Second, "the keep-alive to find the dead peer")
+	if !errors.Is(ev, asynctcp.ErrTCPError) {
+		t.Errorf("dead peer: event %v, want an ErrTCPError (or ErrTCPTimeout) event", ev)
+	}
+	if asynctcp.SocketOf(ev) != s {
+		t.Errorf("the event is not the accepted socket's")
+	}
+	t.Logf("dead peer found after %v: %v", time.Since(start).Round(10*time.Millisecond), ev)
+	srv.Close()
 	waitLoopClean(t, l, waitTimeout)
 }

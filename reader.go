@@ -207,7 +207,7 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 		s.mu.Unlock()
 		return readStop // closed: no event
 	}
-	if isTimeout(err) {
+	if deadlinePassed(err) {
 		switch {
 		case s.rdl == rdlHop && s.rtimeout == 0:
 			s.mu.Unlock()

@@ -254,7 +254,8 @@ func (e *connectTimeout) Error() string { return "connect timed out: " + e.err.E
 func (e *connectTimeout) Unwrap() error { return e.err }
 func (e *connectTimeout) Timeout() bool { return true }
 
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
+// deadlinePassed reports whether err is a deadline of the conn passing
+// (os.ErrDeadlineExceeded), as opposed to the connection failing with
+// ETIMEDOUT (keep-alive probes or retransmissions unanswered), which
+// net.Error's Timeout also reports.
+func deadlinePassed(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }

@@ -313,7 +313,7 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) bool {
 	switch {
 	case err == nil:
 		return true
-	case isTimeout(err) && s.notifyTimeouts && s.phase == open:
+	case deadlinePassed(err) && s.notifyTimeouts && s.phase == open:
 		// Rule 28: keep the socket, hold the output, tell the event-cb.
 		s.out = append(rest, s.out...)
 		s.enabled &^= EvWrite
@@ -379,7 +379,7 @@ func (s *Socket) writeOut(bufs [][]byte, clock uint64) (int, [][]byte, error) {
 		if err == nil {
 			continue
 		}
-		if s.raw == nil || !isTimeout(err) || (n == 0 && s.writeTimedOut(clock)) {
+		if s.raw == nil || !deadlinePassed(err) || (n == 0 && s.writeTimedOut(clock)) {
 			s.stopStall()
 			return total, nb, err
 		}
