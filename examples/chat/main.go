@@ -15,11 +15,17 @@
 // The policy for a client that falls that far behind is to disconnect it
 // (Socket.Abort, which drops its queued output), not to skip the messages
 // it cannot take: a chat with silent holes in it is worse than a dropped
-// connection that the client sees and can redial. The server counts the
-// clients it cut off and the messages they missed. It does not slow the
+// connection that the client sees and can redial. The server says how far
+// behind each was, and counts them. It does not slow the
 // senders down for a slow reader either (Disable on the sender, as
 // examples/simple-proxy does), which would let the slowest client set the
 // pace of the whole room.
+//
+// Behind that buffer is the kernel's send buffer of the connection, which
+// Linux grows on its own up to net.ipv4.tcp_wmem's maximum (4 MiB by
+// default) for a client that does not read; -sndbuf fixes it (SO_SNDBUF,
+// which Linux doubles for its bookkeeping), so that a slow client costs
+// the server about twice -sndbuf in the kernel plus -max-behind bytes.
 //
 // Input is bounded too: the read-cb frames lines itself, keeping at most
 // -max-line bytes of an unfinished line; a longer line is dropped, and its
@@ -80,6 +86,7 @@ type config struct {
 	maxBehind   int           // MaxBuffered of each client: beyond it, a client is cut off
 	maxLine     int           // longest line accepted, without its newline
 	readTimeout time.Duration // cut off a client silent this long (0: never)
+	sndbuf      int           // the kernel's send buffer of each client (0: the system's)
 	grace       time.Duration // how long clients get to take their last output at shutdown
 }
 
@@ -91,6 +98,7 @@ func parse(out io.Writer, args []string) (config, error) {
 	fs.IntVar(&c.maxBehind, "max-behind", 256<<10, "disconnect a client that has this many `bytes` of messages queued and cannot take the next one")
 	fs.IntVar(&c.maxLine, "max-line", 4<<10, "drop lines longer than this many `bytes`")
 	fs.DurationVar(&c.readTimeout, "read-timeout", 0, "disconnect a client that sends nothing for this long (0: never)")
+	fs.IntVar(&c.sndbuf, "sndbuf", 0, "the kernel's send buffer of each client, in `bytes` (0: the system's, which grows to some MiB)")
 	fs.DurationVar(&c.grace, "grace", 5*time.Second, "time clients get to take their last messages once interrupted")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -104,6 +112,8 @@ func parse(out io.Writer, args []string) (config, error) {
 		return c, fmt.Errorf("-max-behind %d is below -max-line + %d: a single message might not fit", c.maxBehind, headroom)
 	case c.readTimeout < 0:
 		return c, fmt.Errorf("-read-timeout %v is negative", c.readTimeout)
+	case c.sndbuf < 0:
+		return c, fmt.Errorf("-sndbuf %d is negative", c.sndbuf)
 	case c.grace < 0:
 		return c, fmt.Errorf("-grace %v is negative", c.grace)
 	}
@@ -211,7 +221,7 @@ func (c *chat) serve(ctx context.Context) error {
 		}
 	}
 	err := c.loop.Wait()
-	c.p.say("closed")
+	c.p.say("closed; %d client(s) cut off for falling behind", c.cutOff.Load())
 	return err
 }
 
@@ -233,6 +243,9 @@ func (c *chat) clientAt(remote string) *client {
 // join is the connect-cb: the client enters the room.
 func (c *chat) join(s *asynctcp.Socket) {
 	cl := &client{sock: s, name: s.RemoteAddr().String()}
+	if tc, ok := s.Conn().(*net.TCPConn); ok && c.cfg.sndbuf > 0 {
+		tc.SetWriteBuffer(c.cfg.sndbuf) // SO_SNDBUF, fixed: no more autotuning
+	}
 	s.SetData(cl) // for its read-cb and close-cb, which come after this
 	c.mu.Lock()
 	if c.closing {
@@ -276,9 +289,9 @@ func (c *chat) event(ev error) {
 	}
 }
 
-// read is the read-cb: it frames lines and broadcasts each. data is fresh,
-// but only the start of an unfinished line is kept, and never more than
-// -max-line bytes of it.
+// read is the read-cb: it frames lines (ended by \n or \r\n) and
+// broadcasts them. data is fresh, but only the start of an unfinished line
+// is kept, and never more than -max-line bytes of it (and a \r).
 func (c *chat) read(s *asynctcp.Socket, data []byte) {
 	cl, _ := s.Data().(*client)
 	if cl == nil {
@@ -288,7 +301,8 @@ func (c *chat) read(s *asynctcp.Socket, data []byte) {
 	for len(data) > 0 {
 		i := bytes.IndexByte(data, '\n')
 		if i < 0 {
-			if !cl.skip && len(cl.partial)+len(data) > c.cfg.maxLine {
+			// (One byte more may be the \r of a \r\n.)
+			if !cl.skip && len(cl.partial)+len(data) > c.cfg.maxLine+1 {
 				c.tooLong(cl)
 			}
 			if !cl.skip {
@@ -302,7 +316,7 @@ func (c *chat) read(s *asynctcp.Socket, data []byte) {
 			cl.skip = false // the end of the long line: the next one counts
 			continue
 		}
-		if len(cl.partial)+len(line) > c.cfg.maxLine {
+		if len(cl.partial)+len(line) > c.cfg.maxLine+1 {
 			c.tooLong(cl)
 			cl.skip = false
 			continue
@@ -311,7 +325,13 @@ func (c *chat) read(s *asynctcp.Socket, data []byte) {
 			line = append(cl.partial, line...)
 			cl.partial = cl.partial[:0]
 		}
-		if m := c.message(cl, bytes.TrimSuffix(line, []byte("\r"))); m != nil {
+		line = bytes.TrimSuffix(line, []byte("\r"))
+		if len(line) > c.cfg.maxLine {
+			c.tooLong(cl)
+			cl.skip = false
+			continue
+		}
+		if m := c.message(cl, line); m != nil {
 			msgs = append(msgs, m)
 		}
 	}

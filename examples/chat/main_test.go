@@ -282,6 +282,11 @@ func TestEachLineReachesEveryOtherClientOnce(t *testing.T) {
 // client reads nothing: the others get every line promptly, the server
 // never holds more than -max-behind for the slow client, and cuts it off.
 func TestSlowClientIsCutOffWithoutSlowingOthers(t *testing.T) {
+	t.Run("kernel's send buffer", func(t *testing.T) { testSlowClient(t) })
+	t.Run("sndbuf 64KiB", func(t *testing.T) { testSlowClient(t, "-sndbuf", strconv.Itoa(64<<10)) })
+}
+
+func testSlowClient(t *testing.T, args ...string) {
 	const (
 		maxBehind  = 256 << 10
 		lineLen    = 1000 // bytes of each flood line, newline included
@@ -290,7 +295,7 @@ func TestSlowClientIsCutOffWithoutSlowingOthers(t *testing.T) {
 		maxChunks  = 1024 // 64 MiB at most, or the slow client was never cut off
 		window     = 2    // chunks the flooder may be ahead of the fast reader
 	)
-	c, out, _ := startChat(t, "-max-behind", strconv.Itoa(maxBehind))
+	c, out, _ := startChat(t, append(args, "-max-behind", strconv.Itoa(maxBehind))...)
 	fast := join(t, c)
 	flood := join(t, c)
 	slow := join(t, c)
@@ -499,13 +504,14 @@ func TestLongLinesAreDropped(t *testing.T) {
 	a.waitFor("* " + b.name + " joined")
 
 	a.send(strings.Repeat("x", 100)) // as long as may be
+	a.write(strings.Repeat("w", 100) + "\r\n")
 	// One byte too many, in pieces, then a line far longer than a read.
 	a.write(strings.Repeat("y", 60))
 	a.write(strings.Repeat("y", 41))
 	a.write(strings.Repeat("y", 10) + "\r\nafter y\n")
 	a.write(strings.Repeat("z", 200<<10) + "\nafter z\n")
 
-	for _, want := range []string{strings.Repeat("x", 100), "after y", "after z"} {
+	for _, want := range []string{strings.Repeat("x", 100), strings.Repeat("w", 100), "after y", "after z"} {
 		if got := b.waitForChat(); got != a.name+": "+want {
 			t.Fatalf("b got %.60q, want %.60q", got, a.name+": "+want)
 		}
@@ -621,7 +627,7 @@ func TestInterruptEndsRun(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, got)
 		}
 	}
-	if !strings.HasSuffix(got, "closed\n") {
+	if !strings.HasSuffix(got, "closed; 0 client(s) cut off for falling behind\n") {
 		t.Errorf("output does not end with %q:\n%s", "closed", got)
 	}
 }
@@ -632,6 +638,7 @@ func TestBadFlags(t *testing.T) {
 		{"-max-line", "0"},
 		{"-max-line", "4096", "-max-behind", "4096"},
 		{"-read-timeout", "-1s"},
+		{"-sndbuf", "-1"},
 		{"-listen", "127.0.0.1"},
 		{"extra"},
 	} {
