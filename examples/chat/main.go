@@ -272,13 +272,16 @@ func (c *chat) leave(s *asynctcp.Socket, err error) {
 	c.mu.Lock()
 	_, in := c.clients[s]
 	delete(c.clients, s)
+	closing := c.closing
 	c.mu.Unlock()
 	if !in {
 		return // turned away at shutdown
 	}
 	why := cl.reason(err)
 	c.p.say("leave %s (%s)", cl.name, why)
-	c.broadcast(cl, fmt.Appendf(nil, "* %s left (%s)\n", cl.name, why))
+	if !closing { // at shutdown everyone leaves: "server shutting down" says it all
+		c.broadcast(cl, fmt.Appendf(nil, "* %s left (%s)\n", cl.name, why))
+	}
 }
 
 // event is the event-cb of the server and its clients. A client's end is

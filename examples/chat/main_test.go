@@ -571,40 +571,44 @@ func TestShutdownCutsOffStalledClients(t *testing.T) {
 }
 
 func TestInterruptEndsRun(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var out syncBuffer
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, &out, []string{"-listen", addr}) }()
+	go func() { done <- run(ctx, &out, []string{"-listen", "127.0.0.1:0"}) }()
 
-	var conns []net.Conn
+	// The port is the one run says it listens on: a port picked
+	// beforehand may be taken by then.
+	const listening = "chat listening on "
+	eventually(t, "run prints its address", func() bool { return strings.Contains(out.String(), " (Ctrl-C to stop)\n") })
+	addr, _, _ := strings.Cut(strings.TrimPrefix(out.String(), listening), " ")
+
+	// Two clients, one after the other: the connect-cbs of two sockets
+	// may run in either order.
+	var (
+		conns   []net.Conn
+		readers []*bufio.Reader
+	)
 	deadline := time.Now().Add(timeout)
-	for len(conns) < 2 {
-		conn, err := net.DialTimeout("tcp", addr, time.Second)
+	expect := func(r *bufio.Reader, want string) {
+		t.Helper()
+		if s, err := r.ReadString('\n'); !strings.HasPrefix(s, want) {
+			t.Fatalf("got %q, %v; want %q...\noutput:\n%s", s, err, want, out.String())
+		}
+	}
+	for range 2 {
+		conn, err := net.DialTimeout("tcp", addr, timeout)
 		if err != nil {
-			if time.Now().After(deadline) {
-				t.Fatalf("dial %s: %v", addr, err)
-			}
-			time.Sleep(10 * time.Millisecond) // run is still starting
-			continue
+			t.Fatal(err)
 		}
 		defer conn.Close()
 		conn.SetDeadline(deadline)
 		conns = append(conns, conn)
+		readers = append(readers, bufio.NewReader(conn))
+		expect(readers[len(readers)-1], "* welcome ")
 	}
-	r := bufio.NewReader(conns[0])
-	for _, want := range []string{"* welcome ", "* " + conns[1].LocalAddr().String() + " joined"} {
-		if s, err := r.ReadString('\n'); !strings.HasPrefix(s, want) {
-			t.Fatalf("got %q, %v; want %q...", s, err, want)
-		}
-	}
+	r := readers[0]
+	expect(r, "* "+conns[1].LocalAddr().String()+" joined")
 
 	cancel() // Ctrl-C
 	select {
