@@ -98,7 +98,7 @@ func parse(out io.Writer, args []string) (config, error) {
 	fs.IntVar(&c.maxBehind, "max-behind", 256<<10, "disconnect a client that has this many `bytes` of messages queued and cannot take the next one")
 	fs.IntVar(&c.maxLine, "max-line", 4<<10, "drop lines longer than this many `bytes`")
 	fs.DurationVar(&c.readTimeout, "read-timeout", 0, "disconnect a client that sends nothing for this long (0: never)")
-	fs.IntVar(&c.sndbuf, "sndbuf", 0, "the kernel's send buffer of each client, in `bytes` (0: the system's, which grows to some MiB)")
+	fs.IntVar(&c.sndbuf, "sndbuf", 0, "the kernel's send buffer of each client, `bytes` (0: the system's, which grows to some MiB)")
 	fs.DurationVar(&c.grace, "grace", 5*time.Second, "time clients get to take their last messages once interrupted")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -255,7 +255,7 @@ func (c *chat) join(s *asynctcp.Socket) {
 		return
 	}
 	// The welcome goes first, before the room's messages can reach cl.
-	c.send(cl, fmt.Appendf(nil, "* welcome %s, %d others here; /nick NAME renames you\n", cl.name, len(c.clients)))
+	c.send(cl, fmt.Appendf(nil, "* welcome %s, with %d other client(s) here; /nick NAME renames you\n", cl.name, len(c.clients)))
 	c.clients[s] = cl
 	c.mu.Unlock()
 	c.p.say("join %s", cl.name)
