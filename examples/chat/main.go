@@ -16,10 +16,9 @@
 // (Socket.Abort, which drops its queued output), not to skip the messages
 // it cannot take: a chat with silent holes in it is worse than a dropped
 // connection that the client sees and can redial. The server says how far
-// behind each was, and counts them. It does not slow the
-// senders down for a slow reader either (Disable on the sender, as
-// examples/simple-proxy does), which would let the slowest client set the
-// pace of the whole room.
+// behind each was, and counts them. It does not slow the senders down for
+// a slow reader either (Disable on the sender, as a Pipe does), which
+// would let the slowest client set the pace of the whole room.
 //
 // Behind that buffer is the kernel's send buffer of the connection, which
 // Linux grows on its own up to net.ipv4.tcp_wmem's maximum (4 MiB by
