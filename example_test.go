@@ -3,11 +3,16 @@ package asynctcp_test
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"syscall"
@@ -16,12 +21,9 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// exPort is the port a server was bound to (Listen with port 0 picks one).
-func exPort(srv *asynctcp.Server) int {
-	return srv.Addr().(*net.TCPAddr).Port
-}
-
-// exEcho is a read-cb that writes every byte back to the sender.
+// exEcho is a read-cb that writes every byte back to the sender, for the
+// tests of tls_test.go and wrap_test.go. The examples below spell it out
+// instead, so that each of them can be copied alone into a program.
 func exEcho(s *asynctcp.Socket, data []byte) {
 	s.WriteData(data)
 }
@@ -32,7 +34,9 @@ func exEcho(s *asynctcp.Socket, data []byte) {
 // several pieces.
 func ExampleConnect() {
 	loop := &asynctcp.Loop{}
-	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil)
+	srv, err := loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -40,7 +44,7 @@ func ExampleConnect() {
 
 	const msg = "hello, echo"
 	var reply []byte // touched only by the client's callbacks, which run one at a time
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			reply = append(reply, data...)
 			if len(reply) < len(msg) {
@@ -141,7 +145,7 @@ func ExampleSocket_WriteData() {
 	}
 
 	var reply []byte
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			reply = append(reply, data...)
 		},
@@ -186,12 +190,14 @@ func ExampleLoop() {
 
 	// Exit ends a loop that would otherwise run on: this server and its
 	// connection stay open until Exit aborts them.
-	srv, err = loop.Listen("127.0.0.1", 0, exEcho, nil)
+	srv, err = loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	_, err = loop.Connect("127.0.0.1", exPort(srv), nil, nil,
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, nil,
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			st := loop.Stats()
 			fmt.Println("connected; outgoing:", st.Outgoing, "servers:", st.Servers)
@@ -254,7 +260,7 @@ func ExampleEvent() {
 		fmt.Println(err)
 		return
 	}
-	_, err = loop.Listen("127.0.0.1", exPort(srv), nil, nil)
+	_, err = loop.Listen("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, nil)
 	fmt.Println("address-in-use:", errors.Is(err, asynctcp.ErrAddressInUse))
 	fmt.Println("EADDRINUSE:", errors.Is(err, syscall.EADDRINUSE))
 	srv.Close()
@@ -290,7 +296,7 @@ func ExampleSocket_SetTimeouts() {
 		return
 	}
 
-	_, err = loop.Connect("127.0.0.1", exPort(srv), nil, func(ev error) {
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, func(ev error) {
 		fmt.Println("client: tcp-eof:", errors.Is(ev, asynctcp.ErrTCPEOF))
 		srv.Close()
 	})
@@ -333,7 +339,7 @@ func ExampleSocket_Disable() {
 	}
 
 	var reply []byte
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			if reply = append(reply, data...); len(reply) == len("result") {
 				fmt.Printf("client: got %q\n", reply)
@@ -360,7 +366,9 @@ func ExampleSocket_Disable() {
 // program reads when it likes.
 func ExampleConnectStream() {
 	loop := &asynctcp.Loop{}
-	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil)
+	srv, err := loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -370,7 +378,7 @@ func ExampleConnectStream() {
 		loop.Wait()
 	}()
 
-	st, err := loop.ConnectStream("127.0.0.1", exPort(srv), nil, nil)
+	st, err := loop.ConnectStream("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -440,28 +448,43 @@ func ExampleNewStream() {
 	// {"greeting":"hello, gopher"}
 }
 
-// exTLSConfigs returns a server config with a certificate for 127.0.0.1
-// made on the spot, and a client config that trusts it.
-func exTLSConfigs() (server, client *tls.Config, err error) {
-	cert, pool, err := newSelfSigned()
-	if err != nil {
-		return nil, nil, err
-	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}}, &tls.Config{RootCAs: pool}, nil
-}
-
 // TLS makes Listen's sockets TLS servers and Connect's socket a TLS
 // client. The handshake comes first: the connect-cb runs once it is done,
 // and Conn is the *tls.Conn. The client verifies the host given to
 // Connect where the config names no ServerName. Callbacks see plain bytes.
 func ExampleTLS() {
-	serverConfig, clientConfig, err := exTLSConfigs()
+	// A self-signed certificate for 127.0.0.1, made on the spot, and a
+	// client config that trusts it.
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	serverConfig := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	clientConfig := &tls.Config{RootCAs: pool}
+
 	loop := &asynctcp.Loop{}
-	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(serverConfig))
+	srv, err := loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil, asynctcp.TLS(serverConfig))
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -469,7 +492,7 @@ func ExampleTLS() {
 
 	const msg = "hello over TLS"
 	var reply []byte
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			if reply = append(reply, data...); len(reply) == len(msg) {
 				fmt.Printf("reply: %s\n", reply)
