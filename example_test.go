@@ -279,6 +279,126 @@ func ExampleEvent() {
 	// EADDRINUSE: true
 }
 
+// OnClose gives a socket a close-cb that runs exactly once, however the
+// socket ends, after every other callback of the socket: err is nil where
+// the application closed it, and the event that ended it otherwise. Done
+// is closed once the close-cb has returned, so that here the sockets end
+// one after another.
+func ExampleOnClose() {
+	loop := &asynctcp.Loop{CatchAppErrors: true} // a panicking callback ends its socket
+	// The server echoes, but hangs up on "bye".
+	srv, err := loop.Listen("127.0.0.1", 0,
+		func(s *asynctcp.Socket, data []byte) {
+			if string(data) == "bye" {
+				s.Close()
+				return
+			}
+			s.WriteData(data)
+		},
+		func(ev error) {}) // the server's sockets end quietly
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	port := srv.Addr().(*net.TCPAddr).Port
+
+	// A port that nothing listens on.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println(err)
+		srv.Close()
+		return
+	}
+	closedPort := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+
+	// connect runs one client to its end, which its close-cb reports.
+	connect := func(way string, port int, read asynctcp.ReadFunc, opts ...asynctcp.Option) {
+		opts = append(opts, asynctcp.OnClose(func(s *asynctcp.Socket, err error) {
+			var pe *asynctcp.PanicError
+			var ev *asynctcp.Event
+			switch {
+			case err == nil:
+				fmt.Printf("%s: closed by the application\n", way)
+			case errors.As(err, &pe):
+				fmt.Printf("%s: ended by a panic: %v\n", way, pe.Value)
+			case errors.As(err, &ev):
+				fmt.Printf("%s: ended by %v\n", way, ev.Class)
+			}
+		}))
+		s, err := loop.Connect("127.0.0.1", port, read, func(ev error) {}, opts...)
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		<-s.Done()
+	}
+	connect("Close", port, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) { s.Close() }))
+	connect("Abort", port, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) { s.Abort() }))
+	connect("CloseWrite, then the server's EOF", port, nil, asynctcp.AllowHalfOpen(),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) { s.CloseWrite() }))
+	connect("server hangs up", port, nil, asynctcp.Data([]byte("bye")))
+	connect("silent server", port, nil, asynctcp.ReadTimeout(50*time.Millisecond))
+	connect("nobody listening", closedPort, nil)
+	connect("read-cb panics", port,
+		func(s *asynctcp.Socket, data []byte) { panic("cannot parse the reply") },
+		asynctcp.Data([]byte("ping")))
+
+	srv.Close()
+	loop.Wait()
+	// Output:
+	// Close: closed by the application
+	// Abort: closed by the application
+	// CloseWrite, then the server's EOF: closed by the application
+	// server hangs up: ended by tcp-eof
+	// silent server: ended by tcp-timeout
+	// nobody listening: ended by tcp-refused
+	// read-cb panics: ended by a panic: cannot parse the reply
+}
+
+// SocketOf finds the socket an event is about, so that one event-cb can
+// serve many sockets: here the event-cb of a server, which all of its
+// sockets share, tells which client hung up. (It is cl-async's tcp-socket
+// of an event, Event.Socket, found inside a wrapped error too.)
+func ExampleSocketOf() {
+	loop := &asynctcp.Loop{}
+	hungUp := make(chan struct{}, 1)
+	srv, err := loop.Listen("127.0.0.1", 0,
+		func(s *asynctcp.Socket, data []byte) {
+			name, _ := s.Data().(string) // the client's first bytes name it
+			s.SetData(name + string(data))
+		},
+		func(ev error) {
+			s := asynctcp.SocketOf(ev)
+			fmt.Printf("%v: %v after %d bytes\n", s.Data(), ev, s.BytesRead())
+			hungUp <- struct{}{}
+		})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	for _, name := range []string{"alice", "bob", "carol"} {
+		c, err := net.Dial("tcp", srv.Addr().String())
+		if err != nil {
+			fmt.Println(err)
+			break
+		}
+		c.Write([]byte(name))
+		c.Close()
+		<-hungUp
+	}
+	fmt.Println("SocketOf(io.EOF):", asynctcp.SocketOf(io.EOF))
+
+	srv.Close()
+	loop.Wait()
+	// Output:
+	// alice: asynctcp: tcp-eof: end of file after 5 bytes
+	// bob: asynctcp: tcp-eof: end of file after 3 bytes
+	// carol: asynctcp: tcp-eof: end of file after 5 bytes
+	// SocketOf(io.EOF): <nil>
+}
+
 // SetTimeouts is set-socket-timeouts. Here the server gives each client
 // 100 ms to say something: a silent client's socket gets a tcp-timeout
 // event and is closed, which the client sees as an EOF.
