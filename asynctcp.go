@@ -302,6 +302,14 @@ func checkTimeout(d time.Duration) error {
 // the socket's input buffer, to be read through a Stream (NewStream); the
 // read-cb is a notification and gets nil data (Connect, Listen, Wrap,
 // Serve: the stream-mode calls keep their input so anyway).
+//
+// The stream-mode calls (ConnectStream, ListenStream, WrapStream,
+// ServeStream) keep the input in the same buffer and are simpler: their
+// read-cb gets the socket's own Stream, the same at every call, so that a
+// deadline set on it holds at the next, where NewStream makes a new view
+// at each call, with deadlines of its own and none set. This option is for
+// code that keeps a ReadFunc, such as code ported from cl-async that
+// passes :dont-drain-read-buffer.
 func DontDrainReadBuffer() Option {
 	return Option{name: "DontDrainReadBuffer", where: sockets, apply: func(c *config) { c.dontDrain = true }}
 }
@@ -587,6 +595,17 @@ func (l *Loop) Listen(bindAddress string, port int, read ReadFunc, event EventFu
 // ListenStream is tcp-server in stream mode, bindAddress as for Listen:
 // each accepted socket keeps its input in a buffer, read through a Stream;
 // read is told when bytes arrive.
+//
+// Prefer it to Listen with DontDrainReadBuffer, which keeps the input the
+// same way. ListenStream's read is a StreamFunc, given the socket's own
+// Stream, the same at every call, so that a deadline set on it holds at
+// the next call. With DontDrainReadBuffer the read-cb is a ReadFunc,
+// called with nil data, and the Stream comes from NewStream, which makes a
+// new view at each call, with deadlines of its own and none set.
+// ReuseReadBuffer, which stream mode has no use for, is refused by
+// ListenStream and ignored with DontDrainReadBuffer. A goroutine that
+// reads a socket on its own takes a Stream from NewStream in the
+// connect-cb (OnConnect), in either mode.
 func (l *Loop) ListenStream(bindAddress string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return l.listen(callListenStream, bindAddress, port, nil, read, event, opts)
 }
