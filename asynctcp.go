@@ -302,6 +302,14 @@ func checkTimeout(d time.Duration) error {
 // the socket's input buffer, to be read through a Stream (NewStream); the
 // read-cb is a notification and gets nil data (Connect, Listen, Wrap,
 // Serve: the stream-mode calls keep their input so anyway).
+//
+// The stream-mode calls (ConnectStream, ListenStream, WrapStream,
+// ServeStream) keep the input in the same buffer and are simpler: their
+// read-cb gets the socket's own Stream, the same at every call, so that a
+// deadline set on it holds at the next, where NewStream makes a new view
+// at each call, with deadlines of its own and none set. This option is for
+// code that keeps a ReadFunc, such as code ported from cl-async that
+// passes :dont-drain-read-buffer.
 func DontDrainReadBuffer() Option {
 	return Option{name: "DontDrainReadBuffer", where: sockets, apply: func(c *config) { c.dontDrain = true }}
 }
@@ -420,14 +428,14 @@ func NotifyTimeouts() Option {
 	return Option{name: "NotifyTimeouts", where: sockets, notices: true, apply: func(c *config) { c.notifyTimeouts = true }}
 }
 
-// Connect opens a TCP connection to host (a name or an address) and port on
-// DefaultLoop; see Loop.Connect.
+// Connect opens a TCP connection to host (a name, or an IP address such as
+// "::1") and port on DefaultLoop; see Loop.Connect.
 func Connect(host string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
 	return DefaultLoop.Connect(host, port, read, event, opts...)
 }
 
-// ConnectStream is Connect in stream mode on DefaultLoop; see
-// Loop.ConnectStream.
+// ConnectStream is Connect in stream mode on DefaultLoop, host as for
+// Connect; see Loop.ConnectStream.
 func ConnectStream(host string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Stream, error) {
 	return DefaultLoop.ConnectStream(host, port, read, event, opts...)
 }
@@ -439,29 +447,42 @@ func Send(host string, port int, data []byte, read ReadFunc, event EventFunc, op
 	return DefaultLoop.Send(host, port, data, read, event, opts...)
 }
 
-// Listen starts a TCP server on DefaultLoop; see Loop.Listen.
+// Listen starts a TCP server on DefaultLoop, on bindAddress (an IP
+// address such as "::1", a name, or "" for every address of the local
+// system) and port; see Loop.Listen.
 func Listen(bindAddress string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return DefaultLoop.Listen(bindAddress, port, read, event, opts...)
 }
 
-// ListenStream starts a TCP server in stream mode on DefaultLoop; see
-// Loop.ListenStream.
+// ListenStream starts a TCP server in stream mode on DefaultLoop,
+// bindAddress as for Listen; see Loop.ListenStream.
 func ListenStream(bindAddress string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return DefaultLoop.ListenStream(bindAddress, port, read, event, opts...)
 }
 
-// Connect is tcp-connect: it opens a TCP connection to host (a name or an
-// address) and port, and returns at once; the lookup and the connect run
-// in the background. The connect-cb (OnConnect) runs once the connection is
-// up, read gets what arrives, event gets the conditions (nil: the loop's
-// EventHandler). Writes before the connection is up are queued.
+// Connect is tcp-connect: it opens a TCP connection to host and port, and
+// returns at once; the lookup and the connect run in the background. The
+// connect-cb (OnConnect) runs once the connection is up, read gets what
+// arrives, event gets the conditions (nil: the loop's EventHandler).
+// Writes before the connection is up are queued.
+//
+// host is an IP address, IPv6 without brackets ("::1", "fe80::1%eth0";
+// "[::1]" fails with an ErrTCPError event), or a name, looked up in the
+// background with the Resolver of the Dialer option, else with
+// net.DefaultResolver; a failed lookup is an ErrDNSError event. A name
+// with several addresses is dialled as net.Dialer dials it, trying them
+// until one answers. "" connects to the local system, as net.Dial does.
+// The connect timeout (the read timeout, else the write timeout) and the
+// Dialer's Timeout bound the lookup and the connect together; running out
+// is an ErrTCPTimeout event. With TLS, the server's certificate is
+// verified for host unless the tls.Config names a ServerName.
 func (l *Loop) Connect(host string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
 	return l.connect(callConnect, host, port, read, nil, event, opts)
 }
 
-// ConnectStream is tcp-connect with :stream t: Connect whose socket keeps
-// its input in a buffer, read through the returned Stream; read is told
-// when bytes arrive.
+// ConnectStream is tcp-connect with :stream t: Connect (host as there)
+// whose socket keeps its input in a buffer, read through the returned
+// Stream; read is told when bytes arrive.
 func (l *Loop) ConnectStream(host string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Stream, error) {
 	s, err := l.connect(callConnectStream, host, port, nil, read, event, opts)
 	if err != nil {
@@ -552,18 +573,39 @@ func (l *Loop) wrap(c call, conn net.Conn, read ReadFunc, sread StreamFunc, even
 	return s, nil
 }
 
-// Listen is tcp-server: it binds bindAddress ("" is 0.0.0.0) and port (0
-// picks a free one, see Server.Addr) and accepts connections in the
-// background. Each accepted socket gets read, event and the options
-// (OnConnect, OnWrite, timeouts...). A bind failure is returned at once,
-// as an *Event (ErrAddressInUse for EADDRINUSE).
+// Listen is tcp-server: it binds bindAddress and port (0 picks a free one,
+// see Server.Addr) and accepts connections in the background. Each
+// accepted socket gets read, event and the options (OnConnect, OnWrite,
+// timeouts...). A bind failure is returned at once, as an *Event
+// (ErrAddressInUse for EADDRINUSE).
+//
+// bindAddress is an IP address, IPv6 without brackets ("::1"), or a name.
+// "" stands for 0.0.0.0, which, like "::", listens on every address of the
+// local system as net.Listen does: where the system has dual-stack
+// sockets, IPv4 and IPv6 connections alike, and Server.Addr then shows
+// [::]. To accept IPv4 only, Serve a listener from net.Listen("tcp4",
+// ...). A name is looked up once, by Listen itself (which waits for it),
+// with net.DefaultResolver, and the server listens on one of its
+// addresses only, the first IPv4 one where there is one, as net.Listen
+// does; a failed lookup is returned as an ErrDNSError event.
 func (l *Loop) Listen(bindAddress string, port int, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return l.listen(callListen, bindAddress, port, read, nil, event, opts)
 }
 
-// ListenStream is tcp-server in stream mode: each accepted socket keeps
-// its input in a buffer, read through a Stream; read is told when bytes
-// arrive.
+// ListenStream is tcp-server in stream mode, bindAddress as for Listen:
+// each accepted socket keeps its input in a buffer, read through a Stream;
+// read is told when bytes arrive.
+//
+// Prefer it to Listen with DontDrainReadBuffer, which keeps the input the
+// same way. ListenStream's read is a StreamFunc, given the socket's own
+// Stream, the same at every call, so that a deadline set on it holds at
+// the next call. With DontDrainReadBuffer the read-cb is a ReadFunc,
+// called with nil data, and the Stream comes from NewStream, which makes a
+// new view at each call, with deadlines of its own and none set.
+// ReuseReadBuffer, which stream mode has no use for, is refused by
+// ListenStream and ignored with DontDrainReadBuffer. A goroutine that
+// reads a socket on its own takes a Stream from NewStream in the
+// connect-cb (OnConnect), in either mode.
 func (l *Loop) ListenStream(bindAddress string, port int, read StreamFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return l.listen(callListenStream, bindAddress, port, nil, read, event, opts)
 }
@@ -593,9 +635,10 @@ func checkListenPort(name string, port int) error {
 	return nil
 }
 
-// bind listens on bindAddress ("" is 0.0.0.0) and port with the backlog
-// asked for (< 0: the system's), with SO_REUSEPORT where asked. A failure
-// is an *Event.
+// bind listens on bindAddress ("" is 0.0.0.0: every address of the local
+// system, IPv6 too where the system has dual-stack sockets) and port, with
+// the backlog asked for (< 0: the system's) and SO_REUSEPORT where asked.
+// A failure is an *Event.
 func bind(bindAddress string, port, backlog int, reuse bool) (net.Listener, error) {
 	if bindAddress == "" {
 		bindAddress = "0.0.0.0"

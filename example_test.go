@@ -3,11 +3,16 @@ package asynctcp_test
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"syscall"
@@ -16,12 +21,9 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// exPort is the port a server was bound to (Listen with port 0 picks one).
-func exPort(srv *asynctcp.Server) int {
-	return srv.Addr().(*net.TCPAddr).Port
-}
-
-// exEcho is a read-cb that writes every byte back to the sender.
+// exEcho is a read-cb that writes every byte back to the sender, for the
+// tests of tls_test.go and wrap_test.go. The examples below spell it out
+// instead, so that each of them can be copied alone into a program.
 func exEcho(s *asynctcp.Socket, data []byte) {
 	s.WriteData(data)
 }
@@ -32,7 +34,9 @@ func exEcho(s *asynctcp.Socket, data []byte) {
 // several pieces.
 func ExampleConnect() {
 	loop := &asynctcp.Loop{}
-	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil)
+	srv, err := loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -40,7 +44,7 @@ func ExampleConnect() {
 
 	const msg = "hello, echo"
 	var reply []byte // touched only by the client's callbacks, which run one at a time
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			reply = append(reply, data...)
 			if len(reply) < len(msg) {
@@ -141,7 +145,7 @@ func ExampleSocket_WriteData() {
 	}
 
 	var reply []byte
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			reply = append(reply, data...)
 		},
@@ -186,12 +190,14 @@ func ExampleLoop() {
 
 	// Exit ends a loop that would otherwise run on: this server and its
 	// connection stay open until Exit aborts them.
-	srv, err = loop.Listen("127.0.0.1", 0, exEcho, nil)
+	srv, err = loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	_, err = loop.Connect("127.0.0.1", exPort(srv), nil, nil,
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, nil,
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			st := loop.Stats()
 			fmt.Println("connected; outgoing:", st.Outgoing, "servers:", st.Servers)
@@ -254,7 +260,7 @@ func ExampleEvent() {
 		fmt.Println(err)
 		return
 	}
-	_, err = loop.Listen("127.0.0.1", exPort(srv), nil, nil)
+	_, err = loop.Listen("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, nil)
 	fmt.Println("address-in-use:", errors.Is(err, asynctcp.ErrAddressInUse))
 	fmt.Println("EADDRINUSE:", errors.Is(err, syscall.EADDRINUSE))
 	srv.Close()
@@ -271,6 +277,126 @@ func ExampleEvent() {
 	// closed after the event-cb: true
 	// address-in-use: true
 	// EADDRINUSE: true
+}
+
+// OnClose gives a socket a close-cb that runs exactly once, however the
+// socket ends, after every other callback of the socket: err is nil where
+// the application closed it, and the event that ended it otherwise. Done
+// is closed once the close-cb has returned, so that here the sockets end
+// one after another.
+func ExampleOnClose() {
+	loop := &asynctcp.Loop{CatchAppErrors: true} // a panicking callback ends its socket
+	// The server echoes, but hangs up on "bye".
+	srv, err := loop.Listen("127.0.0.1", 0,
+		func(s *asynctcp.Socket, data []byte) {
+			if string(data) == "bye" {
+				s.Close()
+				return
+			}
+			s.WriteData(data)
+		},
+		func(ev error) {}) // the server's sockets end quietly
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	port := srv.Addr().(*net.TCPAddr).Port
+
+	// A port that nothing listens on.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println(err)
+		srv.Close()
+		return
+	}
+	closedPort := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+
+	// connect runs one client to its end, which its close-cb reports.
+	connect := func(way string, port int, read asynctcp.ReadFunc, opts ...asynctcp.Option) {
+		opts = append(opts, asynctcp.OnClose(func(s *asynctcp.Socket, err error) {
+			var pe *asynctcp.PanicError
+			var ev *asynctcp.Event
+			switch {
+			case err == nil:
+				fmt.Printf("%s: closed by the application\n", way)
+			case errors.As(err, &pe):
+				fmt.Printf("%s: ended by a panic: %v\n", way, pe.Value)
+			case errors.As(err, &ev):
+				fmt.Printf("%s: ended by %v\n", way, ev.Class)
+			}
+		}))
+		s, err := loop.Connect("127.0.0.1", port, read, func(ev error) {}, opts...)
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		<-s.Done()
+	}
+	connect("Close", port, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) { s.Close() }))
+	connect("Abort", port, nil, asynctcp.OnConnect(func(s *asynctcp.Socket) { s.Abort() }))
+	connect("CloseWrite, then the server's EOF", port, nil, asynctcp.AllowHalfOpen(),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) { s.CloseWrite() }))
+	connect("server hangs up", port, nil, asynctcp.Data([]byte("bye")))
+	connect("silent server", port, nil, asynctcp.ReadTimeout(50*time.Millisecond))
+	connect("nobody listening", closedPort, nil)
+	connect("read-cb panics", port,
+		func(s *asynctcp.Socket, data []byte) { panic("cannot parse the reply") },
+		asynctcp.Data([]byte("ping")))
+
+	srv.Close()
+	loop.Wait()
+	// Output:
+	// Close: closed by the application
+	// Abort: closed by the application
+	// CloseWrite, then the server's EOF: closed by the application
+	// server hangs up: ended by tcp-eof
+	// silent server: ended by tcp-timeout
+	// nobody listening: ended by tcp-refused
+	// read-cb panics: ended by a panic: cannot parse the reply
+}
+
+// SocketOf finds the socket an event is about, so that one event-cb can
+// serve many sockets: here the event-cb of a server, which all of its
+// sockets share, tells which client hung up. (It is cl-async's tcp-socket
+// of an event, Event.Socket, found inside a wrapped error too.)
+func ExampleSocketOf() {
+	loop := &asynctcp.Loop{}
+	hungUp := make(chan struct{}, 1)
+	srv, err := loop.Listen("127.0.0.1", 0,
+		func(s *asynctcp.Socket, data []byte) {
+			name, _ := s.Data().(string) // the client's first bytes name it
+			s.SetData(name + string(data))
+		},
+		func(ev error) {
+			s := asynctcp.SocketOf(ev)
+			fmt.Printf("%v: %v after %d bytes\n", s.Data(), ev, s.BytesRead())
+			hungUp <- struct{}{}
+		})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	for _, name := range []string{"alice", "bob", "carol"} {
+		c, err := net.Dial("tcp", srv.Addr().String())
+		if err != nil {
+			fmt.Println(err)
+			break
+		}
+		c.Write([]byte(name))
+		c.Close()
+		<-hungUp
+	}
+	fmt.Println("SocketOf(io.EOF):", asynctcp.SocketOf(io.EOF))
+
+	srv.Close()
+	loop.Wait()
+	// Output:
+	// alice: asynctcp: tcp-eof: end of file after 5 bytes
+	// bob: asynctcp: tcp-eof: end of file after 3 bytes
+	// carol: asynctcp: tcp-eof: end of file after 5 bytes
+	// SocketOf(io.EOF): <nil>
 }
 
 // SetTimeouts is set-socket-timeouts. Here the server gives each client
@@ -290,7 +416,7 @@ func ExampleSocket_SetTimeouts() {
 		return
 	}
 
-	_, err = loop.Connect("127.0.0.1", exPort(srv), nil, func(ev error) {
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, func(ev error) {
 		fmt.Println("client: tcp-eof:", errors.Is(ev, asynctcp.ErrTCPEOF))
 		srv.Close()
 	})
@@ -333,7 +459,7 @@ func ExampleSocket_Disable() {
 	}
 
 	var reply []byte
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			if reply = append(reply, data...); len(reply) == len("result") {
 				fmt.Printf("client: got %q\n", reply)
@@ -360,7 +486,9 @@ func ExampleSocket_Disable() {
 // program reads when it likes.
 func ExampleConnectStream() {
 	loop := &asynctcp.Loop{}
-	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil)
+	srv, err := loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -370,7 +498,7 @@ func ExampleConnectStream() {
 		loop.Wait()
 	}()
 
-	st, err := loop.ConnectStream("127.0.0.1", exPort(srv), nil, nil)
+	st, err := loop.ConnectStream("127.0.0.1", srv.Addr().(*net.TCPAddr).Port, nil, nil)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -440,28 +568,43 @@ func ExampleNewStream() {
 	// {"greeting":"hello, gopher"}
 }
 
-// exTLSConfigs returns a server config with a certificate for 127.0.0.1
-// made on the spot, and a client config that trusts it.
-func exTLSConfigs() (server, client *tls.Config, err error) {
-	cert, pool, err := newSelfSigned()
-	if err != nil {
-		return nil, nil, err
-	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}}, &tls.Config{RootCAs: pool}, nil
-}
-
 // TLS makes Listen's sockets TLS servers and Connect's socket a TLS
 // client. The handshake comes first: the connect-cb runs once it is done,
 // and Conn is the *tls.Conn. The client verifies the host given to
 // Connect where the config names no ServerName. Callbacks see plain bytes.
 func ExampleTLS() {
-	serverConfig, clientConfig, err := exTLSConfigs()
+	// A self-signed certificate for 127.0.0.1, made on the spot, and a
+	// client config that trusts it.
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	serverConfig := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	clientConfig := &tls.Config{RootCAs: pool}
+
 	loop := &asynctcp.Loop{}
-	srv, err := loop.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(serverConfig))
+	srv, err := loop.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) {
+		s.WriteData(data) // echo
+	}, nil, asynctcp.TLS(serverConfig))
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -469,7 +612,7 @@ func ExampleTLS() {
 
 	const msg = "hello over TLS"
 	var reply []byte
-	_, err = loop.Connect("127.0.0.1", exPort(srv),
+	_, err = loop.Connect("127.0.0.1", srv.Addr().(*net.TCPAddr).Port,
 		func(s *asynctcp.Socket, data []byte) {
 			if reply = append(reply, data...); len(reply) == len(msg) {
 				fmt.Printf("reply: %s\n", reply)

@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"reflect"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 )
@@ -259,15 +261,54 @@ func (l *Loop) handle(ev error) {
 	l.log(ev)
 }
 
+// log logs ev where it is a panic or of the error class. A panic's stack
+// goes in as a group of attributes, one per frame (see stackAttr): given
+// as one string, its line breaks would come out escaped, as slog's text
+// and JSON handlers quote every value and message that holds one.
 func (l *Loop) log(ev error) {
 	var pe *PanicError
 	if errors.As(ev, &pe) {
-		l.logger().Error("asynctcp: callback panicked", "panic", pe.Value, "stack", string(pe.Stack))
+		l.logger().Error("asynctcp: callback panicked", "panic", pe.Value, stackAttr(pe.Stack))
 		return
 	}
 	if errors.Is(ev, ErrConnectionError) {
 		l.logger().Error("asynctcp: unhandled event", "event", ev)
 	}
+}
+
+// stackAttr turns stack, a trace as runtime/debug.Stack writes it where a
+// panic was recovered, into the group "stack" of one attribute per line of
+// the trace, keyed by its position, where a frame's function and location
+// make one line. slog's text handler writes them as
+//
+//	stack.0="goroutine 7 [running]:"
+//	stack.1="panic({0x6f0b40?, 0x7e6c10?}) /go/src/runtime/panic.go:860 +0x13a"
+//	stack.2="main.handle(...) /src/main.go:12 +0x1d" ...
+//
+// (all on the record's one line), and its JSON handler as
+// "stack":{"0":"goroutine 7 [running]:",...}. As in the trace of a panic
+// that ends a program, the frames start at the panic: those of the
+// recovery above it are left out.
+func stackAttr(stack []byte) slog.Attr {
+	var lines []string
+	for _, line := range strings.Split(strings.TrimRight(string(stack), "\n"), "\n") {
+		if where, ok := strings.CutPrefix(line, "\t"); ok && len(lines) > 0 {
+			lines[len(lines)-1] += " " + where
+			continue
+		}
+		lines = append(lines, line)
+	}
+	for i := 1; i < len(lines); i++ {
+		if strings.HasPrefix(lines[i], "panic(") {
+			lines = append(lines[:1], lines[i:]...)
+			break
+		}
+	}
+	frames := make([]slog.Attr, len(lines))
+	for i, line := range lines {
+		frames[i] = slog.String(strconv.Itoa(i), line)
+	}
+	return slog.Attr{Key: "stack", Value: slog.GroupValue(frames...)}
 }
 
 func (l *Loop) logger() *slog.Logger {
