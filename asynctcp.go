@@ -239,7 +239,8 @@ func Data(p []byte) Option {
 // the application, however the socket ends (Close, Abort, EOF, an error, a
 // timeout, a panic caught with CatchAppErrors), after every other callback
 // of the socket, one at a time with them. err is the event that ended the
-// socket, or nil where the application closed it (Close, Abort, or
+// socket (an *Event, or the *PanicError of a panic caught with
+// CatchAppErrors), or nil where the application closed it (Close, Abort, or
 // CloseWrite followed by the peer's EOF). Loop.Exit runs no close-cb, as it
 // runs no other callback (Connect*, Listen*: for each accepted socket).
 func OnClose(f CloseFunc) Option {
@@ -247,7 +248,9 @@ func OnClose(f CloseFunc) Option {
 }
 
 // OnConnect is :connect-cb: f runs once the connection is up, before any
-// read-cb (Connect*, Listen*: for each accepted socket).
+// read-cb (Connect*, Listen*: for each accepted socket). The connect-cbs of
+// two sockets may run in either order, or at once unless the loop is
+// Serial, whatever order they were accepted or dialed in.
 func OnConnect(f ConnectFunc) Option {
 	return Option{name: "OnConnect", where: sockets, apply: func(c *config) { c.onConnect = f }}
 }
@@ -285,8 +288,8 @@ func ReadTimeout(d time.Duration) Option {
 // the clock. On other connections (TLS, pipes, wrappers), whose writes a
 // deadline could break, output goes out in pieces of at most 16 KiB and
 // the clock restarts with each: a peer that takes less than that in d has
-// stalled.
-// 0 means none (Connect*; Listen*: for each accepted socket).
+// stalled. Where no read timeout is set, it also bounds a connect. 0 means
+// none (Connect*; Listen*: for each accepted socket).
 func WriteTimeout(d time.Duration) Option {
 	return Option{name: "WriteTimeout", where: sockets, err: checkTimeout(d), apply: func(c *config) { c.writeTimeout = d }}
 }
@@ -389,8 +392,10 @@ func WriteWatermarks(low, high int) Option {
 
 // MaxBuffered bounds the socket's queued output to n bytes (n > 0): a
 // WriteData or Socket.Write that would pass it queues nothing and returns
-// an ErrBufferFull event; the socket stays open. Stream.Write blocks
-// instead until its bytes fit, queueing a large write in pieces.
+// an ErrBufferFull event; the socket stays open. A write is queued whole or
+// not at all, so one larger than n never fits, not even in an empty
+// buffer. Stream.Write blocks instead until its bytes fit, queueing a large
+// write in pieces.
 func MaxBuffered(n int) Option {
 	var err error
 	if n <= 0 {

@@ -21,13 +21,6 @@ import (
 	"github.com/asynctcp/asynctcp"
 )
 
-// exEcho is a read-cb that writes every byte back to the sender, for the
-// tests of tls_test.go and wrap_test.go. The examples below spell it out
-// instead, so that each of them can be copied alone into a program.
-func exEcho(s *asynctcp.Socket, data []byte) {
-	s.WriteData(data)
-}
-
 // Connect returns at once; the connection is made in the background. The
 // greeting given with Data goes out once it is up, the connect-cb runs
 // before any read-cb, and the read-cb gets the bytes in order, possibly in

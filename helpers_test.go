@@ -514,3 +514,8 @@ func tlsConfigs(t *testing.T) (server, client *tls.Config) {
 	}
 	return &tls.Config{Certificates: []tls.Certificate{cert}}, &tls.Config{RootCAs: pool}
 }
+
+// echoBack is a read-cb that writes every byte back to the sender.
+func echoBack(s *asynctcp.Socket, data []byte) {
+	s.WriteData(data)
+}

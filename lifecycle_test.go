@@ -100,6 +100,13 @@ func TestOnCloseRunsOnceLastInEveryWayASocketEnds(t *testing.T) {
 				}
 				peer.Close()
 			}},
+		{name: "CloseWrite then peer EOF, not half-open",
+			end: func(t *testing.T, _ *asynctcp.Loop, s *asynctcp.Socket, peer *net.TCPConn) {
+				if err := s.CloseWrite(); err != nil {
+					t.Errorf("CloseWrite: %v", err)
+				}
+				peer.Close()
+			}},
 		{name: "refused", want: asynctcp.ErrTCPRefused},
 		{name: "Exit", exit: true, end: func(_ *testing.T, l *asynctcp.Loop, _ *asynctcp.Socket, _ *net.TCPConn) { l.Exit(nil) }},
 	}

@@ -361,7 +361,13 @@ func (s *Socket) claimLocked(ev *Event) func() {
 	}
 	halfOpen := eof && ev.Dir == EvRead && s.halfOpen
 	s.ended = !halfOpen
-	if s.ended {
+	switch {
+	case !s.ended:
+	case eof && (s.wside == writeShutting || s.wside == writeShut):
+		// The application's CloseWrite, answered by the peer's EOF: the
+		// application closed it (the event-cb still gets the EOF).
+		s.startClosingLocked(closedError(s))
+	default:
 		s.endErr = ev
 		s.startClosingLocked(ev)
 	}

@@ -273,7 +273,7 @@ func TestTLSServerSocketsAreTLSConns(t *testing.T) {
 	const greeting = "hello from a TLS server\n"
 	serverSaw := make(chan tlConnState, 1)
 	srvEvents := newEventRecorder()
-	srv, err := l.Listen("127.0.0.1", 0, exEcho, srvEvents.cb, asynctcp.TLS(pki.server()),
+	srv, err := l.Listen("127.0.0.1", 0, echoBack, srvEvents.cb, asynctcp.TLS(pki.server()),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) {
 			serverSaw <- tlState(s)
 			s.WriteData([]byte(greeting))
@@ -321,7 +321,7 @@ func TestTLSServerTalksToCryptoTLSClient(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
 	l := newTestLoop(t)
-	srv, err := l.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(pki.server()))
+	srv, err := l.Listen("127.0.0.1", 0, echoBack, nil, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
@@ -454,7 +454,7 @@ func TestTLSSocketSurvivesIdleReader(t *testing.T) {
 	t.Parallel()
 	pki := tlNewPKI(t)
 	l := newTestLoop(t)
-	srv, err := l.Listen("127.0.0.1", 0, exEcho, nil, asynctcp.TLS(pki.server()))
+	srv, err := l.Listen("127.0.0.1", 0, echoBack, nil, asynctcp.TLS(pki.server()))
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
@@ -829,7 +829,7 @@ func TestDialerResolverAnswersLocally(t *testing.T) {
 	resolver, queries := tlResolver(t)
 	l := newTestLoop(t)
 	srvEvents := newEventRecorder()
-	srv, err := l.Listen("127.0.0.1", 0, exEcho, srvEvents.cb)
+	srv, err := l.Listen("127.0.0.1", 0, echoBack, srvEvents.cb)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}

@@ -1026,7 +1026,7 @@ func TestServeAcceptedSocketsGetCallbacksAndOptions(t *testing.T) {
 		l := newTestLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
-		srv, err := l.Serve(ln, exEcho, event,
+		srv, err := l.Serve(ln, echoBack, event,
 			asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }),
 			asynctcp.ReadTimeout(timeout))
 		if err != nil {
@@ -1071,7 +1071,7 @@ func TestServeCloseClosesListenerLeavesSocketsRunning(t *testing.T) {
 		l := newTestLoop(t)
 		connected := make(chan *asynctcp.Socket, 1)
 		event, evs := wrEvents()
-		srv, err := l.Serve(ln, exEcho, event, asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }))
+		srv, err := l.Serve(ln, echoBack, event, asynctcp.OnConnect(func(s *asynctcp.Socket) { connected <- s }))
 		if err != nil {
 			t.Fatalf("Serve: %v", err)
 		}
