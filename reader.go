@@ -159,7 +159,7 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		return more
 	}
 	if !s.streaming {
-		data := make([]byte, n) // fresh: the read-cb may keep it (rule 3)
+		data := make([]byte, n) // fresh: the read-cb may keep it
 		copy(data, p)
 		putBuf(buf) // not held while the read-cb waits or runs
 		return s.deliver(data)
@@ -221,7 +221,7 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 			s.mu.Unlock()
 			return readAgain
 		case s.notifyTimeouts:
-			// Rule 28: disable reading before the event-cb runs, so that
+			// NotifyTimeouts: disable reading before the event-cb runs, so that
 			// an Enable inside it holds.
 			s.enabled &^= EvRead
 			s.timeoutsChangedLocked(EvRead)

@@ -294,7 +294,8 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 }
 
 // callbacksOpenLocked reports whether a callback of the socket may start:
-// not once it was closed (rule 7). mu is held.
+// not once Close, Abort or Exit was called, or the socket closed itself.
+// mu is held.
 func (s *Socket) callbacksOpenLocked() bool { return s.closer == nobody }
 
 // mayQueueLocked returns why n more bytes cannot be queued: the socket or
@@ -318,10 +319,10 @@ func (s *Socket) writeClosedLocked() bool {
 }
 
 // fail ends the socket with err, a failure of direction dir (0 for a
-// connect): the event-cb gets it (once: rule 6), then the socket closes,
-// gracefully after an EOF, at once otherwise. The caller is the reader or
-// the connector, which end after it: the event runs on the caller where
-// the queue is idle.
+// connect): the event-cb gets it (a socket gets one such event), then the
+// socket closes, gracefully after an EOF, at once otherwise. The caller is
+// the reader or the connector, which end after it: the event runs on the
+// caller where the queue is idle.
 func (s *Socket) fail(err error, dir Events) {
 	ev := newEvent(s, err)
 	ev.Dir = dir
@@ -383,7 +384,7 @@ func (s *Socket) claimLocked(ev *Event) func() {
 
 // eofDelivered notes that the peer's EOF reached the event-cb of a
 // half-open socket; once the write side is shut too, the socket closes
-// itself (rule 27).
+// itself.
 func (s *Socket) eofDelivered() {
 	s.mu.Lock()
 	defer s.mu.Unlock()

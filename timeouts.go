@@ -97,7 +97,8 @@ func (s *Socket) setReadDeadlineLocked(what readDeadline, t time.Time) {
 	s.conn.SetReadDeadline(t)
 }
 
-// connectTimeout is the read timeout, or else the write timeout (rule 9).
+// connectTimeout is the read timeout, or else the write timeout: what
+// bounds a connect.
 func (s *Socket) connectTimeout() time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -232,7 +233,7 @@ func (s *Socket) stalled() {
 	err := &net.OpError{Op: "write", Net: s.conn.LocalAddr().Network(),
 		Source: s.conn.LocalAddr(), Addr: s.conn.RemoteAddr(), Err: os.ErrDeadlineExceeded}
 	if s.notifyTimeouts && s.phase == open {
-		// Rule 28; the write under way goes on, and the writer holds
+		// NotifyTimeouts: the write under way goes on, and the writer holds
 		// after it.
 		s.enabled &^= EvWrite
 		s.wgen++

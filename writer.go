@@ -314,7 +314,7 @@ func (s *Socket) wrote(n int, rest [][]byte, err error) bool {
 	case err == nil:
 		return true
 	case deadlinePassed(err) && s.notifyTimeouts && s.phase == open:
-		// Rule 28: keep the socket, hold the output, tell the event-cb.
+		// NotifyTimeouts: keep the socket, hold the output, tell the event-cb.
 		s.out = append(rest, s.out...)
 		s.enabled &^= EvWrite
 		s.timeoutsChangedLocked(EvWrite)
@@ -343,7 +343,7 @@ func (s *Socket) writeFailedLocked(err error) func() {
 }
 
 // shutWrite shuts the write side of the conn (CloseWrite); once the peer
-// has shut its side too, the socket closes by itself (rule 27).
+// has shut its side too, the socket closes by itself.
 func (s *Socket) shutWrite() {
 	err := errors.ErrUnsupported
 	if cw, ok := s.conn.(interface{ CloseWrite() error }); ok {
