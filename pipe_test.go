@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -243,4 +244,88 @@ func TestPipeArguments(t *testing.T) {
 	a.Close()
 	io.Copy(io.Discard, pb)
 	waitLoopClean(t, l, waitTimeout)
+}
+
+// Many piped pairs at once, Serial and not, ended in every way (the
+// client or the upstream closes, resets, or Exit comes): no pair hangs,
+// every close-cb runs once, and nothing is left behind.
+func TestPipeStorm(t *testing.T) {
+	const pairs = 100
+	for _, serial := range []bool{false, true} {
+		t.Run(fmt.Sprintf("serial=%v", serial), func(t *testing.T) {
+			l := newTestLoop(t)
+			l.Serial = serial
+			var mu sync.Mutex
+			closes := map[*asynctcp.Socket]int{}
+			onClose := asynctcp.OnClose(func(s *asynctcp.Socket, _ error) {
+				mu.Lock()
+				closes[s]++
+				mu.Unlock()
+			})
+			up, upPort := listenRaw(t)
+			upstreams := make(chan net.Conn, pairs)
+			go func() {
+				for {
+					c, err := up.Accept()
+					if err != nil {
+						return
+					}
+					upstreams <- c
+				}
+			}()
+			srv, err := l.Listen("127.0.0.1", 0, nil, func(error) {}, onClose, asynctcp.OnConnect(func(a *asynctcp.Socket) {
+				b, err := l.Connect("127.0.0.1", upPort, nil, func(error) {}, onClose)
+				if err != nil {
+					a.Abort()
+					return
+				}
+				asynctcp.Pipe(a, b, 1<<10, 8<<10)
+			}))
+			if err != nil {
+				t.Fatalf("Listen: %v", err)
+			}
+			port := portOf(t, srv.Addr())
+			var wg sync.WaitGroup
+			for i := range pairs {
+				c := dialRaw(t, port)
+				u := waitFor(t, upstreams, "an upstream connection").(*net.TCPConn)
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer c.Close()
+					defer u.Close()
+					c.Write(pattern(64 << 10))
+					u.Write(pattern(64 << 10))
+					switch i % 4 {
+					case 0:
+						c.Close()
+					case 1:
+						u.Close()
+					case 2:
+						c.SetLinger(0)
+						c.Close()
+					default:
+						u.SetLinger(0)
+						u.Close()
+					}
+					io.Copy(io.Discard, c)
+					io.Copy(io.Discard, u)
+				}()
+			}
+			waitGroup(t, &wg, "every pair to end")
+			srv.Close()
+			up.Close()
+			waitLoopClean(t, l, 30*time.Second)
+			mu.Lock()
+			defer mu.Unlock()
+			if len(closes) != 2*pairs {
+				t.Errorf("%d sockets ran a close-cb, want %d", len(closes), 2*pairs)
+			}
+			for _, n := range closes {
+				if n != 1 {
+					t.Fatalf("a socket ran its close-cb %d times", n)
+				}
+			}
+		})
+	}
 }
