@@ -193,6 +193,8 @@ type config struct {
 	backlog        int
 	reusePort      bool
 	keepAlive      *net.KeepAliveConfig
+	sendBuf        int
+	recvBuf        int
 	tls            *tls.Config
 	dialer         *net.Dialer
 	inputLimit     int
@@ -337,6 +339,32 @@ func ReusePort() Option {
 // connection that is not TCP it does nothing.
 func KeepAlive(cfg net.KeepAliveConfig) Option {
 	return Option{name: "KeepAlive", where: sockets, apply: func(c *config) { c.keepAlive = &cfg }}
+}
+
+// SendBuffer sets the kernel's send buffer of the connection (SO_SNDBUF)
+// to n bytes (n > 0), on Connect* and Wrap* of a TCP connection (or a
+// *tls.Conn over one) and on every connection Listen* and Serve* accept.
+// A fixed size stops the kernel from growing the buffer by itself (Linux
+// grows it to some MiB for a peer that reads slowly), so that with
+// MaxBuffered it bounds what a slow peer costs. Linux doubles the value
+// for its bookkeeping. On a connection that is not TCP it does nothing.
+func SendBuffer(n int) Option {
+	return Option{name: "SendBuffer", where: sockets, err: checkPositive(n), apply: func(c *config) { c.sendBuf = n }}
+}
+
+// ReceiveBuffer sets the kernel's receive buffer of the connection
+// (SO_RCVBUF) to n bytes (n > 0), as SendBuffer does the send buffer: a
+// small one makes a fast peer feel the back-pressure of Disable(EvRead)
+// sooner.
+func ReceiveBuffer(n int) Option {
+	return Option{name: "ReceiveBuffer", where: sockets, err: checkPositive(n), apply: func(c *config) { c.recvBuf = n }}
+}
+
+func checkPositive(n int) error {
+	if n <= 0 {
+		return fmt.Errorf("size %d is not positive", n)
+	}
+	return nil
 }
 
 // Backlog is :backlog: the listen(2) backlog of the server's socket. n < 0

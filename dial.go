@@ -83,9 +83,7 @@ func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
 // A socket closed while connecting only flushes; one aborted meanwhile
 // closes conn.
 func (s *Socket) adopt(conn net.Conn) {
-	if s.keepAlive != nil {
-		setKeepAlive(conn, *s.keepAlive)
-	}
+	s.tuneTCP(conn)
 	s.mu.Lock()
 	up := s.attachLocked(conn)
 	if up {
@@ -126,13 +124,26 @@ func (s *Socket) attachLocked(conn net.Conn) bool {
 	return true
 }
 
-// setKeepAlive sets TCP keep-alive on conn, or on the TCP conn under a
-// *tls.Conn; other conns have none.
-func setKeepAlive(conn net.Conn, cfg net.KeepAliveConfig) {
+// tuneTCP applies KeepAlive, SendBuffer and ReceiveBuffer to conn, or to
+// the TCP conn under a *tls.Conn; other conns have no such settings.
+func (s *Socket) tuneTCP(conn net.Conn) {
+	if s.keepAlive == nil && s.sendBuf == 0 && s.recvBuf == 0 {
+		return
+	}
 	if tc, ok := conn.(*tls.Conn); ok {
 		conn = tc.NetConn()
 	}
-	if tcp, ok := conn.(*net.TCPConn); ok {
-		tcp.SetKeepAliveConfig(cfg)
+	tcp, ok := conn.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	if s.keepAlive != nil {
+		tcp.SetKeepAliveConfig(*s.keepAlive)
+	}
+	if s.sendBuf > 0 {
+		tcp.SetWriteBuffer(s.sendBuf)
+	}
+	if s.recvBuf > 0 {
+		tcp.SetReadBuffer(s.recvBuf)
 	}
 }

@@ -214,3 +214,38 @@ func TestKeepAliveDetectsADeadPeer(t *testing.T) {
 	srv.Close()
 	waitLoopClean(t, l, waitTimeout)
 }
+
+// SendBuffer and ReceiveBuffer reach the socket: read back with
+// getsockopt (Linux doubles what it is given) on dialed and accepted
+// conns.
+func TestSocketBuffersReachTheSocket(t *testing.T) {
+	const snd, rcv = 48 << 10, 24 << 10
+	l := newTestLoop(t)
+	accepted := make(chan *asynctcp.Socket, 1)
+	opts := []asynctcp.Option{asynctcp.SendBuffer(snd), asynctcp.ReceiveBuffer(rcv)}
+	srv, port := listenLocal(t, l, nil, func(error) {}, append(opts, asynctcp.OnConnect(func(s *asynctcp.Socket) { accepted <- s }))...)
+	c := connectLocal(t, l, port, nil, func(error) {}, opts...)
+	a := waitFor(t, accepted, "the accepted socket")
+	eventually(t, "the client to connect", func() bool { return c.Conn() != nil })
+	for _, x := range []struct {
+		name string
+		s    *asynctcp.Socket
+	}{{"dialed", c}, {"accepted", a}} {
+		rc, err := x.s.Conn().(*net.TCPConn).SyscallConn()
+		if err != nil {
+			t.Fatalf("SyscallConn: %v", err)
+		}
+		var gotSnd, gotRcv int
+		rc.Control(func(fd uintptr) {
+			gotSnd, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+			gotRcv, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF)
+		})
+		if gotSnd != 2*snd || gotRcv != 2*rcv {
+			t.Errorf("%s: SO_SNDBUF %d, SO_RCVBUF %d; want %d and %d (twice what was set)", x.name, gotSnd, gotRcv, 2*snd, 2*rcv)
+		}
+	}
+	c.Close()
+	a.Close()
+	srv.Close()
+	waitLoopClean(t, l, waitTimeout)
+}

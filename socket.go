@@ -181,6 +181,8 @@ type Socket struct {
 	wlims          []*limit
 	onClose        CloseFunc
 	keepAlive      *net.KeepAliveConfig
+	sendBuf        int // SendBuffer; 0: the system's
+	recvBuf        int // ReceiveBuffer; 0: the system's
 	grp            errgroup.Group
 
 	// Atomic: the counters.
@@ -260,6 +262,8 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		connectCb:      cfg.onConnect,
 		onClose:        cfg.onClose,
 		keepAlive:      cfg.keepAlive,
+		sendBuf:        cfg.sendBuf,
+		recvBuf:        cfg.recvBuf,
 		streaming:      streaming || cfg.dontDrain,
 		inLimit:        cfg.inputLimit,
 		lowWater:       cfg.lowWater,

@@ -22,8 +22,8 @@
 //
 // Behind that buffer is the kernel's send buffer of the connection, which
 // Linux grows on its own up to net.ipv4.tcp_wmem's maximum (4 MiB by
-// default) for a client that does not read; -sndbuf fixes it (SO_SNDBUF,
-// which Linux doubles for its bookkeeping), so that a slow client costs
+// default) for a client that does not read; -sndbuf fixes it (the
+// SendBuffer option: SO_SNDBUF, which Linux doubles for its bookkeeping), so that a slow client costs
 // the server about twice -sndbuf in the kernel plus -max-behind bytes.
 //
 // Input is bounded too: the read-cb frames lines itself, keeping at most
@@ -181,11 +181,17 @@ func (c *chat) listen() error {
 	if err != nil || port < 0 || port > 65535 {
 		return fmt.Errorf("-listen: bad port in %q", c.cfg.listen)
 	}
-	c.srv, err = c.loop.Listen(host, port, c.read, c.event,
+	opts := []asynctcp.Option{
 		asynctcp.OnConnect(c.join),
 		asynctcp.OnClose(c.leave),
 		asynctcp.MaxBuffered(c.cfg.maxBehind),
-		asynctcp.ReadTimeout(c.cfg.readTimeout))
+		asynctcp.ReadTimeout(c.cfg.readTimeout),
+	}
+	if c.cfg.sndbuf > 0 {
+		// A fixed SO_SNDBUF: the kernel no longer grows it by itself.
+		opts = append(opts, asynctcp.SendBuffer(c.cfg.sndbuf))
+	}
+	c.srv, err = c.loop.Listen(host, port, c.read, c.event, opts...)
 	if err != nil {
 		return err
 	}
@@ -242,9 +248,6 @@ func (c *chat) clientAt(remote string) *client {
 // join is the connect-cb: the client enters the room.
 func (c *chat) join(s *asynctcp.Socket) {
 	cl := &client{sock: s, name: s.RemoteAddr().String()}
-	if tc, ok := s.Conn().(*net.TCPConn); ok && c.cfg.sndbuf > 0 {
-		tc.SetWriteBuffer(c.cfg.sndbuf) // SO_SNDBUF, fixed: no more autotuning
-	}
 	s.SetData(cl) // for its read-cb and close-cb, which come after this
 	c.mu.Lock()
 	if c.closing {
