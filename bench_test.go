@@ -968,3 +968,54 @@ func portNumber(addr string) int {
 	n, _ := strconv.Atoi(p)
 	return n
 }
+
+// BenchmarkStreamProxyBulk10Conns64KiB is BenchmarkProxyBulk10Conns64KiB
+// with a proxy written against asynctcp's streams as net.Conns: io.Copy
+// both ways between the accepted stream and a stream to the upstream.
+func BenchmarkStreamProxyBulk10Conns64KiB(b *testing.B) {
+	measure := func(b *testing.B, listen bnListen) float64 { return bnBulk(b, listen, 10, 64<<10) }
+	var p bnPair
+	b.Run("net", func(b *testing.B) { p.net(b, measure(b, bnListenProxyNet)) })
+	b.Run("asynctcp", func(b *testing.B) { p.async(b, "asynctcp", measure(b, bnListenProxyStream)) })
+}
+
+// bnListenProxyStream starts a net echo server and, in front of it, a
+// proxy on asynctcp streams: per accepted stream, a stream to the echo
+// server and io.Copy both ways, each closing the other side at its end.
+func bnListenProxyStream() (*bnServer, error) {
+	backend, err := bnListenNet()
+	if err != nil {
+		return nil, err
+	}
+	l := &asynctcp.Loop{}
+	var wg sync.WaitGroup
+	relay := func(dst, src *asynctcp.Stream) {
+		defer wg.Done()
+		io.Copy(dst, src)
+		dst.Close()
+	}
+	accepted := asynctcp.OnConnect(func(a *asynctcp.Socket) {
+		up, err := l.ConnectStream("127.0.0.1", portNumber(backend.addr), nil, func(error) {})
+		if err != nil {
+			a.Abort()
+			return
+		}
+		down := asynctcp.NewStream(a)
+		wg.Add(2)
+		go relay(up, down)
+		go relay(down, up)
+	})
+	srv, err := l.ListenStream("127.0.0.1", 0, nil, func(error) {}, accepted)
+	if err != nil {
+		backend.stop()
+		return nil, err
+	}
+	stop := func() error {
+		srv.Close()
+		l.Exit(nil)
+		l.Wait()
+		wg.Wait()
+		return backend.stop()
+	}
+	return &bnServer{addr: srv.Addr().String(), stop: stop}, nil
+}
