@@ -51,7 +51,7 @@ func (src *Socket) pipeTo(dst *Socket, low, high int) {
 	src.lowWater, src.highWater = low, high
 	src.onEnd = func() { dst.Close() }
 	src.inLimit = min(src.inLimit, pipeInput)
-	if len(src.in) > 0 && src.notice != noticeQueued && src.phase == open {
+	if src.in.len() > 0 && src.notice != noticeQueued && src.phase == open {
 		// Input that arrived before Pipe goes the same way.
 		src.notice = noticeQueued
 		src.dispatch(src.notify, false)
@@ -63,14 +63,17 @@ func (src *Socket) pipeTo(dst *Socket, low, high int) {
 // Unless the loop is Serial, dst's write-cb may run between the check and
 // the Disable, so the check comes again after it.
 func (src *Socket) relay(dst *Socket, data []byte, high int) {
+	chunks := [][]byte{data}
 	if data == nil {
 		src.mu.Lock()
-		data = src.in
-		src.consumeLocked(len(data))
+		chunks = src.in.takeAll()
+		src.cond.Broadcast()
 		src.mu.Unlock()
 	}
-	if len(data) == 0 || dst.WriteData(data) != nil {
-		return // dst is closed: its end closes src
+	for _, c := range chunks {
+		if len(c) > 0 && dst.WriteData(c) != nil {
+			return // dst is closed: its end closes src
+		}
 	}
 	if dst.Buffered() >= high {
 		src.Disable(EvRead)

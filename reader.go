@@ -107,7 +107,7 @@ func (s *Socket) readOpenLocked() bool { return s.phase == open && s.rside == re
 // readBlockedLocked reports whether the reader must wait before its next
 // read: reading is disabled, or the input buffer is full. mu is held.
 func (s *Socket) readBlockedLocked() bool {
-	return s.enabled&EvRead == 0 || (s.streaming && len(s.in) >= s.inLimit)
+	return s.enabled&EvRead == 0 || (s.streaming && s.in.len() >= s.inLimit)
 }
 
 // beforeRead waits while the reader may not read (reading disabled, the
@@ -126,7 +126,7 @@ func (s *Socket) beforeRead(worked bool) (int, uint64, grant, bool) {
 		}
 		want := readBufSize
 		if s.streaming {
-			want = min(want, s.inLimit-len(s.in))
+			want = min(want, s.inLimit-s.in.len())
 		}
 		n, g, wait := take(s.rlims, want, time.Now())
 		if wait == 0 {
@@ -170,7 +170,7 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		s.mu.Unlock()
 		return false
 	}
-	s.in = append(s.in, p...)
+	s.in.add(p)
 	wake(&s.inWait)
 	announce := s.notice != noticeQueued
 	if announce {
@@ -267,13 +267,13 @@ func (s *Socket) settleWriteLocked() {
 func (s *Socket) notify() {
 	s.mu.Lock()
 	s.notice = noticeNone
-	if s.enabled&EvRead == 0 && len(s.in) > 0 {
+	if s.enabled&EvRead == 0 && s.in.len() > 0 {
 		s.notice = noticeHeld
 	}
 	s.mu.Unlock()
 	s.invoke(func() {
 		s.mu.Lock()
-		open := s.enabled&EvRead != 0 && len(s.in) > 0 && s.startLocked()
+		open := s.enabled&EvRead != 0 && s.in.len() > 0 && s.startLocked()
 		read, sread := s.read, s.sread
 		s.mu.Unlock()
 		switch {

@@ -222,7 +222,7 @@ type Socket struct {
 
 	// Guarded by mu: read state.
 	inLimit  int           // stream mode: the reader stops while in holds this much
-	in       []byte        // stream mode: received bytes not yet read
+	in       input         // stream mode: received bytes not yet read
 	inEnd    error         // what reads return once the input is drained: io.EOF or the event
 	inWait   chan struct{} // see "Waits"
 	notice   notice

@@ -66,9 +66,9 @@ func (st *Stream) takeLocked(p []byte) (n int, err error, done bool) {
 		return 0, closedError(s), true
 	case len(p) == 0:
 		return 0, nil, true
-	case len(s.in) > 0:
-		n = copy(p, s.in)
-		s.consumeLocked(n)
+	case s.in.len() > 0:
+		n = s.in.read(p)
+		s.cond.Broadcast() // the reader may go on where the buffer was full
 		return n, nil, true
 	case s.inEnd != nil:
 		return 0, s.inEnd, true
@@ -78,14 +78,67 @@ func (st *Stream) takeLocked(p []byte) (n int, err error, done bool) {
 	return 0, nil, false
 }
 
-// consumeLocked drops the first n input bytes and lets the reader go on
-// where the buffer was full. s.mu is held.
-func (s *Socket) consumeLocked(n int) {
-	s.in = s.in[n:]
-	if len(s.in) == 0 {
-		s.in = nil // let a drained buffer go
+// input is a stream-mode socket's input buffer: the chunks the reader
+// received, oldest first. Chunks rather than one growing slice: a reader
+// ahead of the application would otherwise copy what is buffered each
+// time the slice grew (with 1 MiB buffered, several copies of every byte).
+// It is guarded by the socket's mu.
+type input struct {
+	chunks [][]byte
+	n      int // bytes buffered
+}
+
+// len returns the number of bytes buffered.
+func (in *input) len() int { return in.n }
+
+// add copies p in, into the last chunk where it has room.
+func (in *input) add(p []byte) {
+	in.n += len(p)
+	if k := len(in.chunks); k > 0 {
+		if last := in.chunks[k-1]; cap(last)-len(last) >= len(p) {
+			in.chunks[k-1] = append(last, p...)
+			return
+		}
 	}
-	s.cond.Broadcast()
+	c := make([]byte, len(p), max(len(p), 4<<10))
+	copy(c, p)
+	in.chunks = append(in.chunks, c)
+}
+
+// read copies up to len(p) bytes out, and drops them.
+func (in *input) read(p []byte) int {
+	n := 0
+	for n < len(p) && len(in.chunks) > 0 {
+		c := copy(p[n:], in.chunks[0])
+		in.drop(c)
+		n += c
+	}
+	return n
+}
+
+// drop drops the first n bytes.
+func (in *input) drop(n int) {
+	in.n -= n
+	for n > 0 {
+		c := in.chunks[0]
+		if n < len(c) {
+			in.chunks[0] = c[n:]
+			return
+		}
+		n -= len(c)
+		in.chunks[0] = nil
+		in.chunks = in.chunks[1:]
+	}
+	if len(in.chunks) == 0 {
+		in.chunks = nil // let drained storage go
+	}
+}
+
+// takeAll empties the buffer and returns what it held.
+func (in *input) takeAll() [][]byte {
+	c := in.chunks
+	in.chunks, in.n = nil, 0
+	return c
 }
 
 // TryRead reads what is buffered into p and never blocks: it returns
@@ -197,7 +250,7 @@ func (st *Stream) Buffered() int {
 	}
 	st.s.mu.Lock()
 	defer st.s.mu.Unlock()
-	return len(st.s.in)
+	return st.s.in.len()
 }
 
 // ClearInput is clear-input: it drops the buffered input.
@@ -207,7 +260,8 @@ func (st *Stream) ClearInput() {
 	}
 	st.s.mu.Lock()
 	defer st.s.mu.Unlock()
-	st.s.consumeLocked(len(st.s.in))
+	st.s.in.drop(st.s.in.len())
+	st.s.cond.Broadcast()
 }
 
 // ClearOutput is clear-output: it drops the output queued and not yet
