@@ -88,6 +88,9 @@ type input struct {
 	n      int // bytes buffered
 }
 
+// inputChunk is the chunk that small reads share.
+const inputChunk = 4 << 10
+
 // len returns the number of bytes buffered.
 func (in *input) len() int { return in.n }
 
@@ -100,7 +103,13 @@ func (in *input) add(p []byte) {
 			return
 		}
 	}
-	c := make([]byte, len(p), max(len(p), 4<<10))
+	if len(p) >= inputChunk {
+		c := make([]byte, len(p)) // with the copy below, not zeroed first
+		copy(c, p)
+		in.chunks = append(in.chunks, c)
+		return
+	}
+	c := make([]byte, len(p), inputChunk) // small reads share a chunk
 	copy(c, p)
 	in.chunks = append(in.chunks, c)
 }
