@@ -76,7 +76,9 @@ func (s *Socket) closed() {
 
 // Done returns a channel that is closed once the socket has fully closed:
 // its connection is closed, its goroutines have ended and its close-cb
-// (OnClose), if any, has returned. Loop.Exit closes it too.
+// (OnClose), if any, has returned. Loop.Exit closes it too. A callback may
+// call Done but should not wait on it: on a Serial loop the close-cb it
+// would wait for cannot run until that callback returns.
 func (s *Socket) Done() <-chan struct{} {
 	if s == nil {
 		return nil
