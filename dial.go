@@ -127,7 +127,8 @@ func (s *Socket) attachLocked(conn net.Conn) bool {
 // tuneTCP applies KeepAlive, SendBuffer and ReceiveBuffer to conn, or to
 // the TCP conn under a *tls.Conn; other conns have no such settings.
 func (s *Socket) tuneTCP(conn net.Conn) {
-	if s.keepAlive == nil && s.sendBuf == 0 && s.recvBuf == 0 {
+	t := s.tuning
+	if t == nil || (t.keepAlive == nil && t.sendBuf == 0 && t.recvBuf == 0) {
 		return
 	}
 	if tc, ok := conn.(*tls.Conn); ok {
@@ -137,13 +138,13 @@ func (s *Socket) tuneTCP(conn net.Conn) {
 	if !ok {
 		return
 	}
-	if s.keepAlive != nil {
-		tcp.SetKeepAliveConfig(*s.keepAlive)
+	if t.keepAlive != nil {
+		tcp.SetKeepAliveConfig(*t.keepAlive)
 	}
-	if s.sendBuf > 0 {
-		tcp.SetWriteBuffer(s.sendBuf)
+	if t.sendBuf > 0 {
+		tcp.SetWriteBuffer(t.sendBuf)
 	}
-	if s.recvBuf > 0 {
-		tcp.SetReadBuffer(s.recvBuf)
+	if t.recvBuf > 0 {
+		tcp.SetReadBuffer(t.recvBuf)
 	}
 }

@@ -128,7 +128,7 @@ func (s *Socket) beforeRead(worked bool) (int, uint64, grant, bool) {
 		if s.streaming {
 			want = min(want, s.inLimit-s.in.len())
 		}
-		n, g, wait := take(s.rlims, want, time.Now())
+		n, g, wait := take(s.tuning.readLimits(), want, time.Now())
 		if wait == 0 {
 			s.armReaderLocked(worked)
 			return n, s.rgen, g, true

@@ -101,6 +101,32 @@ import (
 // read (readBlockedLocked, readOpenLocked); may a callback start
 // (callbacksOpenLocked); does the write timeout run (writeClockRunsLocked).
 
+// tuning is what only some sockets ask for, kept apart so that the others
+// do not carry it: rate limits (the socket's own and its groups') and the
+// TCP settings applied when the socket adopts its conn.
+type tuning struct {
+	rlims     []*limit
+	wlims     []*limit
+	keepAlive *net.KeepAliveConfig
+	sendBuf   int // SendBuffer; 0: the system's
+	recvBuf   int // ReceiveBuffer; 0: the system's
+}
+
+// readLimits and writeLimits return the rate limits of each direction.
+func (t *tuning) readLimits() []*limit {
+	if t == nil {
+		return nil
+	}
+	return t.rlims
+}
+
+func (t *tuning) writeLimits() []*limit {
+	if t == nil {
+		return nil
+	}
+	return t.wlims
+}
+
 // phase is where a socket is in its life; see the model above.
 type phase uint8
 
@@ -176,13 +202,9 @@ type Socket struct {
 	reuse          bool    // ReuseReadBuffer
 	halfOpen       bool    // AllowHalfOpen
 	notifyTimeouts bool
-	maxBuf         int // WriteData refuses to queue past this; 0: no bound
-	rlims          []*limit
-	wlims          []*limit
+	maxBuf         int     // WriteData refuses to queue past this; 0: no bound
+	tuning         *tuning // rate limits and TCP settings; nil where none is asked for
 	onClose        CloseFunc
-	keepAlive      *net.KeepAliveConfig
-	sendBuf        int // SendBuffer; 0: the system's
-	recvBuf        int // ReceiveBuffer; 0: the system's
 	grp            errgroup.Group
 
 	// Atomic: the counters.
@@ -229,7 +251,7 @@ type Socket struct {
 	rtimeout time.Duration
 	rdl      readDeadline // what the conn's read deadline is for
 	rgen     uint64       // bumped where the read timeout is lifted under the reader
-	hopAt    time.Time    // when the idle hop's deadline passes
+	hopAt    int64        // when the idle hop's deadline passes, in Unix nanoseconds
 
 	// Guarded by mu: write state.
 	out      [][]byte // queued output, oldest first
@@ -261,9 +283,6 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		write:          cfg.onWrite,
 		connectCb:      cfg.onConnect,
 		onClose:        cfg.onClose,
-		keepAlive:      cfg.keepAlive,
-		sendBuf:        cfg.sendBuf,
-		recvBuf:        cfg.recvBuf,
 		streaming:      streaming || cfg.dontDrain,
 		inLimit:        cfg.inputLimit,
 		lowWater:       cfg.lowWater,
@@ -282,8 +301,16 @@ func newSocket(l *Loop, srv *Server, cfg *config, read ReadFunc, sread StreamFun
 		greads = append(greads, &g.read)
 		gwrites = append(gwrites, &g.write)
 	}
-	s.rlims = limits(cfg.readRate, greads)
-	s.wlims = limits(cfg.writeRate, gwrites)
+	t := tuning{
+		rlims:     limits(cfg.readRate, greads),
+		wlims:     limits(cfg.writeRate, gwrites),
+		keepAlive: cfg.keepAlive,
+		sendBuf:   cfg.sendBuf,
+		recvBuf:   cfg.recvBuf,
+	}
+	if t.rlims != nil || t.wlims != nil || t.keepAlive != nil || t.sendBuf > 0 || t.recvBuf > 0 {
+		s.tuning = &t
+	}
 	s.cond.L = &s.mu
 	if s.streaming {
 		s.stream = NewStream(s)
@@ -489,7 +516,7 @@ func (s *Socket) finish() {
 		closeConn(conn, abort)
 	}
 	s.grp.Wait()
-	for _, l := range s.rlims {
+	for _, l := range s.tuning.readLimits() {
 		if l.group != nil {
 			l.group.members.Add(-1)
 		}

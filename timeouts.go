@@ -119,9 +119,10 @@ func (s *Socket) armReaderLocked(worked bool) {
 		// Moving the deadline costs more than reading the clock: move it
 		// only once half of it has passed.
 		now := time.Now()
-		if s.rdl != rdlHop || s.hopAt.Sub(now) < idleHop/2 {
-			s.hopAt = now.Add(idleHop)
-			s.setReadDeadlineLocked(rdlHop, s.hopAt)
+		if s.rdl != rdlHop || s.hopAt-now.UnixNano() < int64(idleHop/2) {
+			at := now.Add(idleHop)
+			s.hopAt = at.UnixNano()
+			s.setReadDeadlineLocked(rdlHop, at)
 		}
 	case s.rdl != rdlNone:
 		s.setReadDeadlineLocked(rdlNone, time.Time{})

@@ -147,7 +147,7 @@ func (s *Socket) queueLocked(p []byte) bool {
 		return false
 	}
 	if s.raw != nil && s.phase == open && s.writer == writerIdle && s.outLen == 0 &&
-		s.enabled&EvWrite != 0 && s.wside == writeOpen && len(s.wlims) == 0 {
+		s.enabled&EvWrite != 0 && s.wside == writeOpen && s.tuning.writeLimits() == nil {
 		s.writer = writerInline
 		s.outLen, s.inflight = len(p), len(p)
 		return true
@@ -260,7 +260,7 @@ func (s *Socket) nextWrite() (bufs [][]byte, g grant, clock uint64, shut, ok boo
 			if s.raw == nil {
 				batch = smallBatch
 			}
-			n, g, wait := take(s.wlims, min(s.outLen, batch), time.Now())
+			n, g, wait := take(s.tuning.writeLimits(), min(s.outLen, batch), time.Now())
 			if wait > 0 {
 				s.sleepLocked(wait)
 				continue
