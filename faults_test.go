@@ -55,19 +55,6 @@ func ftWithin(d time.Duration, f func()) bool {
 	}
 }
 
-// ftWaitLoop waits up to d for l.Wait; on a timeout it fails the test
-// (the cleanup of ftLoop exits the loop) and returns false.
-func ftWaitLoop(t *testing.T, l *asynctcp.Loop, d time.Duration, what string) (error, bool) {
-	t.Helper()
-	select {
-	case err := <-goWait(l):
-		return err, true
-	case <-time.After(d):
-		t.Errorf("%s: Loop.Wait did not return within %v (stats %+v)", what, d, l.Stats())
-		return nil, false
-	}
-}
-
 // ftReadN reads from c until it has n bytes, an error, or d has passed,
 // and returns what it read.
 func ftReadN(c net.Conn, n int, d time.Duration) ([]byte, error) {
@@ -178,7 +165,7 @@ func TestSetTimeoutsZeroClearsStaleWriteDeadline(t *testing.T) {
 				t.Errorf("Close: %v", err)
 			}
 			go io.Copy(io.Discard, peer)
-			ftWaitLoop(t, l, ftBound, "after Close")
+			waitLoop(t, l, ftBound)
 			select {
 			case ev := <-rec.ch:
 				t.Errorf("unexpected event %v", ev)
@@ -261,7 +248,7 @@ func TestWrapClearsInheritedDeadlines(t *testing.T) {
 				if err := s.Close(); err != nil {
 					t.Errorf("Close: %v", err)
 				}
-				ftWaitLoop(t, l, ftBound, "after Close")
+				waitLoop(t, l, ftBound)
 			})
 		}
 	}
@@ -289,7 +276,7 @@ func TestWaitInsideOwnCallbackReturnsBadArgument(t *testing.T) {
 	}
 	c.Close()
 	l.Exit(nil)
-	ftWaitLoop(t, l, ftBound, "after Exit")
+	waitLoop(t, l, ftBound)
 }
 
 // Server.Shutdown inside a callback of one of the server's own sockets
@@ -318,7 +305,7 @@ func TestShutdownInsideOwnSocketCallbackReturnsBadArgument(t *testing.T) {
 	}
 	c.Close()
 	l.Exit(nil)
-	if err, ok := ftWaitLoop(t, l, 6*time.Second, "after Exit"); ok && err != nil {
+	if err := waitLoop(t, l, 6*time.Second); err != nil {
 		t.Errorf("Wait after Exit(nil) = %v", err)
 	}
 }
@@ -362,7 +349,7 @@ func TestStreamReadPassedDeadlineTimesOutOverBufferedInput(t *testing.T) {
 				}
 			}
 			st.Close()
-			ftWaitLoop(t, l, ftBound, "after Close")
+			waitLoop(t, l, ftBound)
 		})
 	}
 }
@@ -404,7 +391,7 @@ func TestTimeoutEventNamesReadOrWrite(t *testing.T) {
 				}
 			}
 			peer.Close()
-			ftWaitLoop(t, l, ftBound, "after the timeout")
+			waitLoop(t, l, ftBound)
 		})
 	}
 }
@@ -454,7 +441,7 @@ func TestTLSWriteTimeoutSparesSlowSteadyReader(t *testing.T) {
 	}
 	s.Close()
 	go io.Copy(io.Discard, peer)
-	ftWaitLoop(t, l, ftBound, "after Close")
+	waitLoop(t, l, ftBound)
 }
 
 // With NotifyTimeouts over TLS, a write timeout is notified and the socket
@@ -492,7 +479,7 @@ func TestTLSNotifiedWriteTimeoutResumes(t *testing.T) {
 	}
 	s.Close()
 	go io.Copy(io.Discard, peer)
-	ftWaitLoop(t, l, ftBound, "after Close")
+	waitLoop(t, l, ftBound)
 }
 
 // ---------------------------------------------------------------------
@@ -550,7 +537,7 @@ func TestSerialNewListenerSurvivesHandshakeFailureAndPanic(t *testing.T) {
 			c.Close()
 			ln.Close()
 			l.Exit(nil)
-			ftWaitLoop(t, l, ftBound, "after Exit")
+			waitLoop(t, l, ftBound)
 		})
 	}
 }
@@ -613,7 +600,7 @@ func TestBlockedStreamWriteReleasedByClose(t *testing.T) {
 			if !released {
 				waitFor(t, wrote, "the Stream.Write to return after Abort")
 			}
-			ftWaitLoop(t, l, ftBound, "after Abort")
+			waitLoop(t, l, ftBound)
 		})
 	}
 }
@@ -691,7 +678,7 @@ func TestTLSTeardownDoesNotBlock(t *testing.T) {
 			case <-time.After(ftBound):
 				t.Errorf("%s did not return within %v", how, ftBound)
 			}
-			ftWaitLoop(t, l, ftBound, how)
+			waitLoop(t, l, ftBound)
 			t.Logf("%s: torn down in %v", how, time.Since(start))
 			peer.Close()
 		})
@@ -761,7 +748,7 @@ func ftSerialPending(t *testing.T, cb, how string) {
 	waitFor(t, done, "A's read-cb")
 	peerA.Close()
 	peerB.Close()
-	ftWaitLoop(t, l, ftBound, "after "+how)
+	waitLoop(t, l, ftBound)
 	select {
 	case what := <-late:
 		t.Errorf("B's %s started after %s returned", what, how)
@@ -813,7 +800,7 @@ func TestNoWriteCallbackAfterCloseReturnedStorm(t *testing.T) {
 	}
 	waitGroup(t, &wg, "the writers and closers")
 	srv.Close()
-	ftWaitLoop(t, l, 5*time.Second, "after the storm")
+	waitLoop(t, l, 5*time.Second)
 	t.Logf("%d write-cbs, %d closed while writing", total.Load(), trials.Load())
 	if n := late.Load(); n > 0 {
 		t.Errorf("a write-cb started after Close returned %d times over %d sockets", n, trials.Load())
@@ -851,7 +838,7 @@ func TestDisableWriteHoldsOutputWithinOneBatch(t *testing.T) {
 	}
 	s.Abort()
 	peer.Close()
-	ftWaitLoop(t, l, ftBound, "after Abort")
+	waitLoop(t, l, ftBound)
 }
 
 // While writing, Buffered and the watermark write-cb move in steps of at
@@ -905,7 +892,7 @@ func TestWriteBatchesAreBounded(t *testing.T) {
 	}
 	waitFor(t, got, "the peer's read")
 	s.Close()
-	ftWaitLoop(t, l, ftBound, "after Close")
+	waitLoop(t, l, ftBound)
 }
 
 // ---------------------------------------------------------------------
@@ -942,7 +929,7 @@ func TestBufferedNeverNegativeAfterAbort(t *testing.T) {
 	}
 	waitGroup(t, &wg, "the aborts")
 	srv.Close()
-	ftWaitLoop(t, l, 5*time.Second, "after the aborts")
+	waitLoop(t, l, 5*time.Second)
 	if n := neg.Load(); n != 0 {
 		t.Errorf("after Abort, Buffered() was negative in %d samples (lowest %d) and positive in %d", n&0xffff, worst.Load(), n>>16)
 	}
@@ -1008,7 +995,7 @@ func TestRateGroupStaysWithinItsBucket(t *testing.T) {
 		s.Abort()
 	}
 	srv.Close()
-	ftWaitLoop(t, l, ftBound, "after Abort")
+	waitLoop(t, l, ftBound)
 }
 
 // ---------------------------------------------------------------------
@@ -1128,7 +1115,7 @@ func ftStorm(t *testing.T, useTLS, serial bool) {
 		}
 	}
 	srv.Close()
-	ftWaitLoop(t, l, 5*time.Second, "after the storm")
+	waitLoop(t, l, 5*time.Second)
 	t.Logf("%d control calls", ops.Load())
 	if n := negative.Load(); n > 0 {
 		t.Errorf("Buffered() was negative %d times", n)
@@ -1221,7 +1208,7 @@ func TestWaitInsideEveryKindOfCallback(t *testing.T) {
 				}
 				peer.Close()
 				l.Exit(nil)
-				ftWaitLoop(t, l, ftBound, "after Exit")
+				waitLoop(t, l, ftBound)
 			})
 		}
 	}
@@ -1282,7 +1269,7 @@ func TestPipeWriteTimeoutIsAStallTimer(t *testing.T) {
 		}
 		s.Close()
 		b.Close()
-		ftWaitLoop(t, l, ftBound, "after Close")
+		waitLoop(t, l, ftBound)
 	})
 	t.Run("stalled then resumed (NotifyTimeouts)", func(t *testing.T) {
 		l := ftLoop(t, false, false, nil)
@@ -1317,7 +1304,7 @@ func TestPipeWriteTimeoutIsAStallTimer(t *testing.T) {
 		ftCheckBytes(t, "what the peer read after Enable", r.data, data)
 		s.Close()
 		b.Close()
-		ftWaitLoop(t, l, ftBound, "after Close")
+		waitLoop(t, l, ftBound)
 	})
 	t.Run("stalled (abort)", func(t *testing.T) {
 		l := ftLoop(t, false, false, nil)
@@ -1336,7 +1323,7 @@ func TestPipeWriteTimeoutIsAStallTimer(t *testing.T) {
 		if d := time.Since(start); d > ftBound {
 			t.Errorf("the timeout came after %v, want about 100ms", d)
 		}
-		ftWaitLoop(t, l, ftBound, "after the timeout's abort")
+		waitLoop(t, l, ftBound)
 	})
 }
 
@@ -1379,7 +1366,7 @@ func TestDeadlineSetThroughConnDoesNotStick(t *testing.T) {
 			peer.Close()
 			wantClass(t, waitFor(t, events.ch, "the peer's EOF"), asynctcp.ErrTCPEOF, "after the peer closed")
 			srv.Close()
-			ftWaitLoop(t, l, ftBound, "after the EOF")
+			waitLoop(t, l, ftBound)
 		})
 	}
 }
