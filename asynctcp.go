@@ -349,7 +349,7 @@ func KeepAlive(cfg net.KeepAliveConfig) Option {
 // MaxBuffered it bounds what a slow peer costs. Linux doubles the value
 // for its bookkeeping. On a connection that is not TCP it does nothing.
 func SendBuffer(n int) Option {
-	return Option{name: "SendBuffer", where: sockets, err: checkPositive(n), apply: func(c *config) { c.sendBuf = n }}
+	return Option{name: "SendBuffer", where: sockets, err: checkPositive("size", n), apply: func(c *config) { c.sendBuf = n }}
 }
 
 // ReceiveBuffer sets the kernel's receive buffer of the connection
@@ -357,12 +357,14 @@ func SendBuffer(n int) Option {
 // small one makes a fast peer feel the back-pressure of Disable(EvRead)
 // sooner.
 func ReceiveBuffer(n int) Option {
-	return Option{name: "ReceiveBuffer", where: sockets, err: checkPositive(n), apply: func(c *config) { c.recvBuf = n }}
+	return Option{name: "ReceiveBuffer", where: sockets, err: checkPositive("size", n), apply: func(c *config) { c.recvBuf = n }}
 }
 
-func checkPositive(n int) error {
+// checkPositive is the error of an option's size, limit or bound n that is
+// not positive (what names it), or nil.
+func checkPositive(what string, n int) error {
 	if n <= 0 {
-		return fmt.Errorf("size %d is not positive", n)
+		return fmt.Errorf("%s %d is not positive", what, n)
 	}
 	return nil
 }
@@ -397,11 +399,7 @@ func Dialer(d *net.Dialer) Option {
 // (default 1 MiB): when it is full the socket stops reading until the
 // application reads (Connect*, Listen*).
 func InputLimit(n int) Option {
-	var err error
-	if n <= 0 {
-		err = fmt.Errorf("limit %d is not positive", n)
-	}
-	return Option{name: "InputLimit", where: sockets, err: err, apply: func(c *config) { c.inputLimit = n }}
+	return Option{name: "InputLimit", where: sockets, err: checkPositive("limit", n), apply: func(c *config) { c.inputLimit = n }}
 }
 
 // WriteWatermarks sets libevent's write watermarks (Node's highWaterMark,
@@ -425,11 +423,7 @@ func WriteWatermarks(low, high int) Option {
 // buffer. Stream.Write blocks instead until its bytes fit, queueing a large
 // write in pieces.
 func MaxBuffered(n int) Option {
-	var err error
-	if n <= 0 {
-		err = fmt.Errorf("bound %d is not positive", n)
-	}
-	return Option{name: "MaxBuffered", where: sockets, err: err, apply: func(c *config) { c.maxBuffered = n }}
+	return Option{name: "MaxBuffered", where: sockets, err: checkPositive("bound", n), apply: func(c *config) { c.maxBuffered = n }}
 }
 
 // AllowHalfOpen keeps a socket writable after the peer's EOF (Node's

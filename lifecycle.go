@@ -6,7 +6,7 @@ import (
 
 // A socket's end, as the application sees it: Context is cancelled as soon
 // as the socket starts to close (startClosingLocked), the close-cb runs
-// once every goroutine of the socket has ended (closed, on the finisher),
+// once every goroutine of the socket has ended (reportEnd, on the finisher),
 // and Done is closed after it. Loop.Exit cancels the Context and closes
 // Done, but runs no close-cb.
 
@@ -46,10 +46,10 @@ func (s *Socket) startClosingLocked(cause error) {
 	}
 }
 
-// closed runs on the finisher once every goroutine of the socket has
+// reportEnd runs on the finisher once every goroutine of the socket has
 // ended: the close-cb, unless Loop.Exit ended the socket or the
 // application never saw it; then Done closes.
-func (s *Socket) closed() {
+func (s *Socket) reportEnd() {
 	s.mu.Lock()
 	cb, err := s.onClose, s.endErr
 	run := cb != nil && !s.exited && s.touched

@@ -521,7 +521,7 @@ func (s *Socket) finish() {
 			l.group.members.Add(-1)
 		}
 	}
-	s.closed()
+	s.reportEnd()
 	// The loop first, so that Stats no longer counts a socket once
 	// Server.Shutdown has seen it end.
 	s.loop.removeSocket(s)
