@@ -47,6 +47,10 @@ func (src *Socket) pipeTo(dst *Socket, low, high int) {
 	defer src.mu.Unlock()
 	src.read = func(_ *Socket, data []byte) { src.relay(dst, data, high) }
 	src.sread = nil
+	// The relay keeps no slice (WriteData copies what it queues), so the
+	// reader may lend it its pooled buffer: no allocation per read. Set
+	// after read, under mu, where the reader reads read.
+	src.relaying.Store(true)
 	src.write = func(*Socket) { dst.Enable(EvRead) }
 	src.lowWater, src.highWater = low, high
 	src.onEnd = func() { dst.Close() }

@@ -329,3 +329,51 @@ func TestPipeStorm(t *testing.T) {
 		})
 	}
 }
+
+// A piped socket's relay reads into the pooled buffer, since it keeps no
+// slice. A read-cb set afterwards through WriteData's OnRead may keep its
+// slices again: each must still hold what was read into it.
+func TestPipeThenOnReadGetsFreshSlices(t *testing.T) {
+	l := newTestLoop(t)
+	lnA, portA := listenRaw(t)
+	lnB, portB := listenRaw(t)
+	a := connectLocal(t, l, portA, nil, func(error) {})
+	b := connectLocal(t, l, portB, nil, func(error) {})
+	peerA, peerB := acceptRaw(t, lnA), acceptRaw(t, lnB)
+	if err := asynctcp.Pipe(a, b, 0, 64<<10); err != nil {
+		t.Fatalf("Pipe: %v", err)
+	}
+	// One byte through the pipe, so that the relay has used the buffer.
+	peerA.Write([]byte("x"))
+	if got := make([]byte, 1); func() error { _, err := io.ReadFull(peerB, got); return err }() != nil || got[0] != 'x' {
+		t.Fatalf("the relay did not carry a byte")
+	}
+
+	got := make(chan []byte, 16)
+	if err := a.WriteData(nil, asynctcp.OnRead(func(_ *asynctcp.Socket, data []byte) { got <- data })); err != nil {
+		t.Fatalf("WriteData(OnRead): %v", err)
+	}
+	var kept [][]byte
+	want := 0
+	for i := 0; i < 8; i++ {
+		msg := bytes.Repeat([]byte{byte('a' + i)}, 100)
+		if _, err := peerA.Write(msg); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		want += len(msg)
+		for n := 0; n < want; {
+			d := waitFor(t, got, fmt.Sprintf("chunk %d at the new read-cb", i))
+			kept = append(kept, d)
+			n = 0
+			for _, k := range kept {
+				n += len(k)
+			}
+		}
+	}
+	all := bytes.Join(kept, nil)
+	for i := 0; i < 8; i++ {
+		if c := all[i*100 : (i+1)*100]; !bytes.Equal(c, bytes.Repeat([]byte{byte('a' + i)}, 100)) {
+			t.Fatalf("kept slice of chunk %d was overwritten: %q", i, c[:10])
+		}
+	}
+}

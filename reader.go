@@ -153,7 +153,7 @@ func (s *Socket) sleepLocked(d time.Duration) {
 // once the socket no longer reads.
 func (s *Socket) received(buf *[]byte, n int) bool {
 	p := (*buf)[:n]
-	if !s.streaming && s.reuse {
+	if !s.streaming && (s.reuse || s.relaying.Load()) {
 		more := s.deliver(p) // valid until the read-cb returns
 		putBuf(buf)
 		return more

@@ -207,9 +207,10 @@ type Socket struct {
 	onClose        CloseFunc
 	grp            errgroup.Group
 
-	// Atomic: the counters.
+	// Atomic: the counters, and whether Pipe's relay is the read-cb.
 	bytesRead    atomic.Int64
 	bytesWritten atomic.Int64
+	relaying     atomic.Bool // set by Pipe: the read-cb keeps no slice
 
 	// Guarded by mu: the state.
 	mu       sync.Mutex

@@ -57,6 +57,7 @@ func (s *Socket) WriteData(data []byte, opts ...Option) error {
 func (s *Socket) overrideLocked(cfg *config) {
 	if cfg.setRead {
 		s.read = cfg.onRead
+		s.relaying.Store(false) // the new read-cb may keep its slices
 	}
 	if cfg.setWrite {
 		s.write = cfg.onWrite
