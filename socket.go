@@ -196,9 +196,9 @@ type Socket struct {
 	// Set when the socket is made, then only read.
 	loop           *Loop
 	server         *Server // the server that accepted it; nil for Connect and Wrap
+	stream         *Stream // the view given to stream-mode callbacks
 	wrapped        bool    // made by Wrap
 	streaming      bool    // stream mode: input stays in the input buffer
-	stream         *Stream // the view given to stream-mode callbacks
 	reuse          bool    // ReuseReadBuffer
 	halfOpen       bool    // AllowHalfOpen
 	notifyTimeouts bool
@@ -208,9 +208,9 @@ type Socket struct {
 	grp            errgroup.Group
 
 	// Atomic: the counters, and whether Pipe's relay is the read-cb.
+	relaying     atomic.Bool // set by Pipe: the read-cb keeps no slice
 	bytesRead    atomic.Int64
 	bytesWritten atomic.Int64
-	relaying     atomic.Bool // set by Pipe: the read-cb keeps no slice
 
 	// Guarded by mu: the state.
 	mu       sync.Mutex
