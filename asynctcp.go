@@ -568,7 +568,10 @@ func ServeStream(ln net.Listener, read StreamFunc, event EventFunc, opts ...Opti
 // *tls.Conn, an end of net.Pipe), as cl-async's init-tcp-socket :fd does:
 // the socket is up at once, its connect-cb runs before any read-cb, and it
 // behaves as a socket from Connect. Data is sent at once. Dialer, Backlog
-// and TLS do not apply (wrap a *tls.Conn instead).
+// and TLS do not apply (wrap a *tls.Conn instead). A *tls.Conn whose
+// handshake has not run is up once the handshake is done, bounded by the
+// connect timeout (ReadTimeout, else WriteTimeout) as for a Connect with
+// TLS; a failed handshake is the socket's event.
 func (l *Loop) Wrap(conn net.Conn, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
 	return l.wrap(callWrap, conn, read, nil, event, opts)
 }
@@ -596,7 +599,7 @@ func (l *Loop) wrap(c call, conn net.Conn, read ReadFunc, sread StreamFunc, even
 	}
 	s := newSocket(l, nil, cfg, read, sread, event, c == callWrapStream)
 	s.wrapped = true
-	s.adopt(conn)
+	s.adoptOrHandshake(conn)
 	return s, nil
 }
 
@@ -691,7 +694,9 @@ func bind(bindAddress string, port, backlog int, reuse bool) (net.Listener, erro
 // tls.NewListener, one handed over by a service manager through
 // net.FileListener), exactly as Listen does, as cl-async's tcp-server :fd
 // does. Server.Close closes ln; Server.Addr is ln's address. Backlog and
-// TLS do not apply (serve a tls.NewListener instead).
+// TLS do not apply (serve a tls.NewListener instead): the handshake of each
+// *tls.Conn it accepts runs before the socket is up, bounded by the connect
+// timeout, as with Listen and TLS.
 func (l *Loop) Serve(ln net.Listener, read ReadFunc, event EventFunc, opts ...Option) (*Server, error) {
 	return l.serveListener(callServe, ln, read, nil, event, opts)
 }

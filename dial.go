@@ -70,6 +70,31 @@ func dialTLS(ctx context.Context, d *net.Dialer, addr, host string, cfg *tls.Con
 	return handshake(ctx, tls.Client(conn, cfg))
 }
 
+// pendingHandshake returns conn as a *tls.Conn whose handshake has not run
+// (one from tls.NewListener's Accept, or handed to Wrap before it spoke),
+// or nil. The connector runs that handshake, bounded by the connect
+// timeout, as for the TLS option: left to the first read, it would run
+// under the reader's deadlines, and crypto/tls keeps a handshake's timeout
+// for good.
+func pendingHandshake(conn net.Conn) *tls.Conn {
+	tc, ok := conn.(*tls.Conn)
+	if !ok || tc.ConnectionState().HandshakeComplete {
+		return nil
+	}
+	return tc
+}
+
+// adoptOrHandshake adopts conn, after its TLS handshake where that has
+// not run (pendingHandshake).
+func (s *Socket) adoptOrHandshake(conn net.Conn) {
+	tc := pendingHandshake(conn)
+	if tc == nil {
+		s.adopt(conn)
+		return
+	}
+	s.start(func(ctx context.Context) (net.Conn, error) { return handshake(ctx, tc) })
+}
+
 func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
 	if err := tc.HandshakeContext(ctx); err != nil {
 		tc.Close()

@@ -1370,3 +1370,142 @@ func TestDeadlineSetThroughConnDoesNotStick(t *testing.T) {
 		})
 	}
 }
+
+// ---------------------------------------------------------------------
+// A TLS handshake left to the first read ran under the reader's deadlines.
+
+// A *tls.Conn that has not yet handshaken (from a tls.NewListener, or
+// handed to Wrap before it spoke) is handshaken before the socket is up:
+// a client that starts its handshake late still gets its echo, and the
+// connect-cb sees the handshake done. Left to the first read, the
+// handshake ran under the idle hop's deadline of a reader that had run the
+// connect-cb, and crypto/tls keeps a handshake's timeout for good: the
+// socket never read again.
+func TestUnhandshakenTLSConnIsHandshakenFirst(t *testing.T) {
+	for _, how := range []string{"Serve", "Wrap"} {
+		t.Run(how, func(t *testing.T) {
+			l := newTestLoop(t)
+			scfg, ccfg := tlsConfigs(t)
+			ccfg.ServerName = "127.0.0.1"
+			raw, port := listenRaw(t)
+			handshaken := make(chan bool, 1)
+			onConnect := asynctcp.OnConnect(func(s *asynctcp.Socket) {
+				tc, ok := s.Conn().(*tls.Conn)
+				handshaken <- ok && tc.ConnectionState().HandshakeComplete
+			})
+			if how == "Serve" {
+				srv, err := l.Serve(tls.NewListener(raw, scfg), echoBack, func(error) {}, onConnect)
+				if err != nil {
+					t.Fatalf("Serve: %v", err)
+				}
+				defer srv.Close()
+			} else {
+				go func() {
+					c, err := raw.Accept()
+					if err != nil {
+						return
+					}
+					if _, err := l.Wrap(tls.Server(c, scfg), echoBack, func(error) {}, onConnect); err != nil {
+						t.Errorf("Wrap: %v", err)
+						c.Close()
+					}
+				}()
+			}
+			c := dialRaw(t, port)
+			// The fault: the client is slow to start its handshake, longer
+			// than an idle reader waits before it hops.
+			time.Sleep(100 * time.Millisecond)
+			tc := tls.Client(c, ccfg)
+			tc.SetDeadline(time.Now().Add(waitTimeout))
+			if err := tc.Handshake(); err != nil {
+				t.Fatalf("client handshake: %v", err)
+			}
+			if !waitFor(t, handshaken, "the connect-cb") {
+				t.Errorf("the connect-cb ran before the TLS handshake was done")
+			}
+			msg := pattern(10 << 10)
+			if _, err := tc.Write(msg); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			got := make([]byte, len(msg))
+			if _, err := io.ReadFull(tc, got); err != nil {
+				t.Fatalf("the echo: %v", err)
+			}
+			ftCheckBytes(t, "the echo", got, msg)
+			tc.Close()
+			if how == "Serve" {
+				raw.Close()
+			}
+			waitLoop(t, l, waitTimeout)
+		})
+	}
+}
+
+// A failed handshake of a wrapped *tls.Conn is the socket's event.
+func TestWrapUnhandshakenTLSFailedHandshakeIsAnEvent(t *testing.T) {
+	l := newTestLoop(t)
+	scfg, _ := tlsConfigs(t)
+	raw, port := listenRaw(t)
+	c := dialRaw(t, port)
+	peer := acceptRaw(t, raw)
+	rec := newEventRecorder()
+	s, err := l.Wrap(tls.Server(peer, scfg), echoBack, rec.cb)
+	if err != nil {
+		t.Fatalf("Wrap: %v", err)
+	}
+	c.Write([]byte("this is not a TLS client hello\r\n"))
+	ev := asEvent(t, waitFor(t, rec.ch, "the handshake's failure"))
+	if ev.Socket != s {
+		t.Errorf("the event names another socket")
+	}
+	c.Close()
+	waitLoop(t, l, waitTimeout)
+}
+
+// stickyConn fails every read with a timeout once stuck, whatever its
+// deadline: a wrapper whose timeout sticks, as crypto/tls's does after a
+// handshake timed out.
+type stickyConn struct {
+	net.Conn
+	stuck atomic.Bool
+}
+
+func (c *stickyConn) Read(p []byte) (int, error) {
+	if c.stuck.Load() {
+		return 0, os.ErrDeadlineExceeded
+	}
+	return c.Conn.Read(p)
+}
+
+// A conn whose reads keep timing out with no deadline of the socket's
+// ends the socket with that error once its deadline was cleared, instead
+// of reading again and again: that spun forever.
+func TestStickyReadTimeoutEndsTheSocket(t *testing.T) {
+	for _, worked := range []bool{false, true} {
+		t.Run(fmt.Sprintf("after input %v", worked), func(t *testing.T) {
+			l := newTestLoop(t)
+			raw, port := listenRaw(t)
+			c := dialRaw(t, port)
+			peer := acceptRaw(t, raw)
+			sc := &stickyConn{Conn: peer}
+			rec := newEventRecorder()
+			got := make(chan []byte, 4)
+			_, err := l.Wrap(sc, func(_ *asynctcp.Socket, data []byte) { got <- data }, rec.cb)
+			if err != nil {
+				t.Fatalf("Wrap: %v", err)
+			}
+			if worked {
+				c.Write([]byte("x"))
+				waitFor(t, got, "the input")
+			}
+			sc.stuck.Store(true)
+			sc.Conn.SetReadDeadline(time.Now()) // wake the blocked read
+			ev := asEvent(t, waitFor(t, rec.ch, "the event of the stuck conn"))
+			if !errors.Is(ev, os.ErrDeadlineExceeded) {
+				t.Errorf("event %v, want one that wraps os.ErrDeadlineExceeded", ev)
+			}
+			c.Close()
+			waitLoop(t, l, waitTimeout)
+		})
+	}
+}

@@ -16,12 +16,20 @@ import (
 // copies fall out of the cache.
 const readBufSize = 32 << 10
 
-// idleHop is how long a reader that has run callbacks stays idle before it
-// hands its place to a fresh goroutine. Callbacks grow the reader's stack,
-// and the runtime never shrinks a stack below 4 KiB under a parked
-// goroutine; a fresh one parks on 2 KiB, which is most of what an idle
-// socket costs.
-const idleHop = 250 * time.Millisecond
+// A reader that has run callbacks hands its place to a fresh goroutine
+// once the socket has been idle for longer than usual. Callbacks grow the
+// reader's stack, and the runtime never shrinks a stack below 4 KiB under
+// a parked goroutine; a fresh one parks on 2 KiB, which is most of what an
+// idle socket costs. The wait is four times the socket's usual gap between
+// reads (hopWaitLocked), within [minHop, idleHop]: a socket that answered a
+// request and went quiet sheds its stack within milliseconds, so a burst
+// of new connections leaves no grown stacks behind (their freed memory
+// stays with the process); a busy socket, whose gaps are short but steady,
+// does not pay for a new goroutine per message.
+const (
+	minHop  = 2 * time.Millisecond
+	idleHop = 250 * time.Millisecond
+)
 
 // settleTime bounds how long a read failure waits for the write in flight.
 const settleTime = 100 * time.Millisecond
@@ -30,7 +38,7 @@ const settleTime = 100 * time.Millisecond
 const (
 	readAgain = iota // read again
 	readStop         // the reader is done
-	readHop          // a fresh reader takes over (idleHop)
+	readHop          // a fresh reader takes over (hopWaitLocked)
 )
 
 // readLoop is the first reader. It runs the connect-cb first (queued by
@@ -41,7 +49,7 @@ func (s *Socket) readLoop() error {
 	return s.reads(s.connectCb != nil)
 }
 
-// hop is the reader that takes over after idleHop.
+// hop is the reader that takes over from an idle one (hopWaitLocked).
 func (s *Socket) hop() error { return s.reads(false) }
 
 // reads is the reader's loop; worked tells whether this goroutine has run
@@ -212,6 +220,10 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 		case s.rdl == rdlHop && s.rtimeout == 0:
 			s.mu.Unlock()
 			return readHop
+		case s.rdl == rdlReset:
+			// A timeout again, with no deadline set since the last one:
+			// the conn keeps failing its reads (a wrapper whose timeout
+			// sticks). Reading again would spin: the socket ends with it.
 		case s.rdl != rdlTimeout || gen != s.rgen || s.rtimeout == 0 || s.enabled&EvRead == 0:
 			// The deadline was moved under the read (Disable, SetTimeouts),
 			// or set by the application through Conn: not a timeout of

@@ -115,7 +115,7 @@ func (srv *Server) adopt(conn net.Conn) {
 		})
 		return
 	}
-	s.adopt(conn)
+	s.adoptOrHandshake(conn)
 }
 
 // forget removes an ended socket from the server's books.

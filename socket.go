@@ -27,8 +27,9 @@ import (
 //     queue itself where the queue is idle, except in stream mode, where a
 //     callback may block in Stream.Read for input that only the reader can
 //     bring. It ends when the read side stops (EOF, a failure, a close) or,
-//     after idleHop without input, it starts a fresh reader and ends, so
-//     that an idle socket parks on a small stack.
+//     once the socket has been idle for longer than usual (hopWaitLocked),
+//     it starts a fresh reader and ends, so that an idle socket parks on a
+//     small stack.
 //   - The writer (writer.go) runs only while there is output it may write:
 //     kickLocked starts it, and it ends as soon as it finds nothing to do.
 //     It writes one batch at a time (at most maxBatch bytes), shuts the
@@ -248,24 +249,26 @@ type Socket struct {
 	in       input         // stream mode: received bytes not yet read
 	inEnd    error         // what reads return once the input is drained: io.EOF or the event
 	inWait   chan struct{} // see "Waits"
-	notice   notice
 	rtimeout time.Duration
+	rgen     uint64 // bumped where the read timeout is lifted under the reader
+	hopAt    int64  // when the idle hop's deadline passes, in Unix nanoseconds
+	lastArm  int64  // when the reader last armed a read after work, in Unix nanoseconds
+	gap      int64  // the socket's usual time between reads, in nanoseconds (hopWaitLocked)
+	notice   notice
 	rdl      readDeadline // what the conn's read deadline is for
-	rgen     uint64       // bumped where the read timeout is lifted under the reader
-	hopAt    int64        // when the idle hop's deadline passes, in Unix nanoseconds
 
 	// Guarded by mu: write state.
-	out      [][]byte // queued output, oldest first
-	outLen   int      // bytes queued, including those being written
-	inflight int      // bytes taken by a write that has not returned
-	writer   writerState
+	out      [][]byte      // queued output, oldest first
+	outLen   int           // bytes queued, including those being written
+	inflight int           // bytes taken by a write that has not returned
 	outWait  chan struct{} // see "Waits"
-	dropped  bool          // the socket ended with output unwritten
 	wtimeout time.Duration
 	wgen     uint64      // bumped each time the write clock is set, moved or stopped
-	wdlSet   bool        // the conn has a write deadline (descriptor conns)
 	stall    *time.Timer // the write clock of other conns (see timeouts.go)
 	stallGen uint64      // the wgen the stall timer was armed at
+	writer   writerState
+	dropped  bool // the socket ended with output unwritten
+	wdlSet   bool // the conn has a write deadline (descriptor conns)
 
 	// Guarded by qmu: the callback queue.
 	qmu        sync.Mutex

@@ -11,7 +11,7 @@ import (
 // reader before each read (armReaderLocked) and by SetTimeouts and Enable
 // under a blocked read. The read deadline serves three purposes, and rdl
 // says which one it serves now: the read timeout, the idle hop of a reader
-// (idleHop), or a deadline in the past that wakes the reader to stop (a
+// (hopWaitLocked), or a deadline in the past that wakes the reader to stop (a
 // graceful close). Where the read timeout is lifted under a blocked read
 // (Disable, SetTimeouts), rgen is bumped, so that the reader tells a stale
 // timeout from a real one.
@@ -44,9 +44,10 @@ type readDeadline uint8
 const (
 	rdlNone    readDeadline = iota // the conn has no read deadline
 	rdlTimeout                     // the read timeout
-	rdlHop                         // the idle hop (idleHop)
+	rdlHop                         // the idle hop (hopWaitLocked)
 	rdlWake                        // in the past: the reader stops
 	rdlUnknown                     // a timeout came from a deadline that was moved or not ours: reset it
+	rdlReset                       // none, cleared after rdlUnknown: one more timeout ends the socket
 )
 
 var aLongTimeAgo = time.Unix(1, 0)
@@ -110,23 +111,39 @@ func (s *Socket) connectTimeout() time.Duration {
 
 // armReaderLocked arms the reader's next read: the read timeout, or
 // without one the idle hop of a reader that has run callbacks (see
-// idleHop); a fresh reader lifts a hop deadline it inherited. mu is held.
+// minHop); a fresh reader lifts a hop deadline it inherited. mu is held.
 func (s *Socket) armReaderLocked(worked bool) {
 	switch {
 	case s.rtimeout > 0:
 		s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
+	case s.rdl == rdlUnknown:
+		s.setReadDeadlineLocked(rdlReset, time.Time{})
 	case worked:
 		// Moving the deadline costs more than reading the clock: move it
-		// only once half of it has passed.
+		// only once half of the wait has passed, or where the wait shrank.
 		now := time.Now()
-		if s.rdl != rdlHop || s.hopAt-now.UnixNano() < int64(idleHop/2) {
-			at := now.Add(idleHop)
+		wait := s.hopWaitLocked(now.UnixNano())
+		if left := time.Duration(s.hopAt - now.UnixNano()); s.rdl != rdlHop || left < wait/2 || left > 2*wait {
+			at := now.Add(wait)
 			s.hopAt = at.UnixNano()
 			s.setReadDeadlineLocked(rdlHop, at)
 		}
 	case s.rdl != rdlNone:
 		s.setReadDeadlineLocked(rdlNone, time.Time{})
 	}
+}
+
+// hopWaitLocked returns how long the reader waits for input before a fresh
+// reader takes its place: four times the socket's usual gap between reads,
+// within [minHop, idleHop]. The usual gap follows a longer gap at once and
+// a shorter one by a quarter per read, so one early input does not make a
+// steady socket hop. now is in Unix nanoseconds. mu is held.
+func (s *Socket) hopWaitLocked(now int64) time.Duration {
+	if s.lastArm != 0 {
+		s.gap = max(now-s.lastArm, s.gap-s.gap/4)
+	}
+	s.lastArm = now
+	return min(max(4*time.Duration(s.gap), minHop), idleHop)
 }
 
 // wakeReaderLocked makes a blocked read return, so that the reader sees
