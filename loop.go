@@ -38,6 +38,7 @@ type Loop struct {
 	idle    chan struct{} // closed when the last socket or server ends
 	exitErr error
 
+	park    parking      // idle sockets that wait with no reader (park_linux.go)
 	serial  sync.Mutex   // the callback lock: held around each job when Serial
 	calling atomic.Int64 // callbacks of the loop under way
 }
@@ -93,6 +94,7 @@ func (l *Loop) Wait() error {
 	}
 	err := l.exitErr
 	l.mu.Unlock()
+	l.park.wait() // the parker ends once no socket is parked
 	return err
 }
 

@@ -16,16 +16,18 @@ import (
 // when nothing is queued. The closures are made once per socket, so that
 // neither path allocates.
 type rawIO struct {
-	rc    syscall.RawConn
-	rbuf  *[]byte
-	rmax  int
-	rn    int
-	rerr  error
-	read  func(fd uintptr) bool
-	wp    []byte
-	wn    int
-	werr  error
-	write func(fd uintptr) bool
+	rc     syscall.RawConn
+	fd     int    // the descriptor, for the loop's parking set
+	setGen uint64 // the parking set it was added to (park_linux.go); guarded by the socket's mu
+	rbuf   *[]byte
+	rmax   int
+	rn     int
+	rerr   error
+	read   func(fd uintptr) bool
+	wp     []byte
+	wn     int
+	werr   error
+	write  func(fd uintptr) bool
 }
 
 // newRawIO returns the raw path for conn, or nil where conn is not a plain
@@ -45,6 +47,9 @@ func newRawIO(conn net.Conn) *rawIO {
 		return nil
 	}
 	r := &rawIO{rc: rc}
+	if rc.Control(func(fd uintptr) { r.fd = int(fd) }) != nil {
+		return nil
+	}
 	r.read = r.readFD
 	r.write = r.writeFD
 	return r

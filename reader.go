@@ -16,16 +16,18 @@ import (
 // copies fall out of the cache.
 const readBufSize = 32 << 10
 
-// A reader that has run callbacks hands its place to a fresh goroutine
-// once the socket has been idle for longer than usual. Callbacks grow the
-// reader's stack, and the runtime never shrinks a stack below 4 KiB under
-// a parked goroutine; a fresh one parks on 2 KiB, which is most of what an
-// idle socket costs. The wait is four times the socket's usual gap between
-// reads (hopWaitLocked), within [minHop, idleHop]: a socket that answered a
-// request and went quiet sheds its stack within milliseconds, so a burst
-// of new connections leaves no grown stacks behind (their freed memory
-// stays with the process); a busy socket, whose gaps are short but steady,
-// does not pay for a new goroutine per message.
+// A reader that has run callbacks gives up its goroutine once the socket
+// has been idle for longer than usual. Callbacks grow the reader's stack,
+// and the runtime never shrinks a stack below 4 KiB under a parked
+// goroutine. On Linux the socket parks (park): no goroutine at all until
+// its descriptor is readable. Elsewhere, or where it cannot park, a fresh
+// reader takes over on a 2 KiB stack. The wait is four times the socket's
+// usual gap between reads (hopWaitLocked), within [minHop, idleHop]: a
+// socket that answered a request and went quiet lets go within
+// milliseconds, so a burst of new connections leaves no grown stacks
+// behind (their freed memory would stay with the process); a busy socket,
+// whose gaps are short but steady, does not pay for a new goroutine per
+// message.
 const (
 	minHop  = 2 * time.Millisecond
 	idleHop = 250 * time.Millisecond
@@ -83,10 +85,53 @@ func (s *Socket) reads(worked bool) error {
 		case readAgain:
 			continue
 		case readHop:
-			s.grp.Go(s.hop)
+			if !s.park() {
+				s.grp.Go(s.hop)
+			}
 		}
 		return nil
 	}
+}
+
+// park ends the reader of an idle socket with no successor: the socket's
+// descriptor waits in the loop's parking set, whose parker starts a fresh
+// reader once it is readable (park_linux.go). It reports false where the
+// socket cannot park (a conn with no descriptor, no parking on this
+// system, a read timeout to run, the socket closing): the caller hops
+// instead, or the fresh reader finds the socket closed.
+func (s *Socket) park() bool {
+	if s.raw == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.readOpenLocked() || s.rtimeout > 0 || s.loop.park.addLocked(s) != nil {
+		return false
+	}
+	s.parked = true
+	return true
+}
+
+// unparked is the parker's call for a parked socket whose descriptor
+// became readable: a fresh reader takes over.
+func (s *Socket) unparked() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unparkLocked() && s.readOpenLocked() {
+		s.grp.Go(s.hop)
+	}
+}
+
+// unparkLocked takes a parked socket out of its loop's parking set, and
+// reports whether it was parked: the caller starts a reader where one is
+// needed. mu is held.
+func (s *Socket) unparkLocked() bool {
+	if !s.parked {
+		return false
+	}
+	s.parked = false
+	s.loop.park.removeLocked(s)
+	return true
 }
 
 // readConn reads at most max bytes from conn into a pooled buffer.

@@ -26,10 +26,15 @@ import (
 //     and reading is enabled, one read at a time. It runs the callback
 //     queue itself where the queue is idle, except in stream mode, where a
 //     callback may block in Stream.Read for input that only the reader can
-//     bring. It ends when the read side stops (EOF, a failure, a close) or,
-//     once the socket has been idle for longer than usual (hopWaitLocked),
-//     it starts a fresh reader and ends, so that an idle socket parks on a
-//     small stack.
+//     bring. It ends when the read side stops (EOF, a failure, a close) or
+//     once the socket has been idle for longer than usual (hopWaitLocked):
+//     then it parks the socket (park: on Linux, the descriptor waits in
+//     the loop's epoll set, with no goroutine) or, where it cannot, starts
+//     a fresh reader on a small stack.
+//   - The parker (park_linux.go), one per loop while any of its sockets is
+//     parked, waits on the loop's epoll set and starts a fresh reader for
+//     each parked socket that becomes readable. It ends once none is
+//     parked; Loop.Wait waits for it.
 //   - The writer (writer.go) runs only while there is output it may write:
 //     kickLocked starts it, and it ends as soon as it finds nothing to do.
 //     It writes one batch at a time (at most maxBatch bytes), shuts the
@@ -53,11 +58,13 @@ import (
 // exactly once, and the socket's phase, not a context, tells each
 // goroutine when to stop.
 //
-// Locks, outermost first: Server.mu, then Socket.mu, then Socket.qmu.
-// Loop.mu is taken with no socket lock held, or under Server.mu alone. The
-// loop's callback lock (Loop.Serial) is taken by the queue runner around
-// each job, before Socket.mu and never while holding it. No user code and
-// no I/O runs under mu or qmu (setting a conn's deadline is not I/O).
+// Locks, outermost first: Server.mu, then Socket.mu, then Socket.qmu;
+// Socket.mu, then the loop's parking.mu, which nothing holds while taking
+// another. Loop.mu is taken with no socket lock held, or under Server.mu
+// alone. The loop's callback lock (Loop.Serial) is taken by the queue
+// runner around each job, before Socket.mu and never while holding it. No
+// user code and no I/O runs under mu or qmu (setting a conn's deadline,
+// or arming its descriptor in the parking set, is not I/O).
 //
 // Waits. cond (on mu) is broadcast on every change that may let the reader
 // or the writer go on: reading enabled, input consumed, a write finished
@@ -84,7 +91,11 @@ import (
 //
 // The read side: reading ──► stopped (the reader met EOF or a failure) ──►
 // eofDelivered (half-open only: the EOF event ran; once the write side is
-// shut too, the socket closes itself).
+// shut too, the socket closes itself). While reading, the socket may be
+// parked: it has no reader, and its descriptor waits in the loop's
+// parking set. It leaves it when readable (the parker starts a reader),
+// when a read timeout is set (a reader starts to run it), or when it
+// closes (unparkLocked wherever a blocked reader would be woken).
 //
 // The write side: writeOpen ──► writeShutting (CloseWrite: writes are
 // refused, and the side is shut once flushed) ──► writeShut; and from
@@ -256,6 +267,7 @@ type Socket struct {
 	gap      int64  // the socket's usual time between reads, in nanoseconds (hopWaitLocked)
 	notice   notice
 	rdl      readDeadline // what the conn's read deadline is for
+	parked   bool         // no reader: the descriptor waits in the loop's parking set
 
 	// Guarded by mu: write state.
 	out      [][]byte      // queued output, oldest first
@@ -504,6 +516,7 @@ func (s *Socket) dieLocked(abort bool) {
 	if s.stall != nil {
 		s.stall.Stop()
 	}
+	s.unparkLocked()
 	s.cond.Broadcast()
 	wake(&s.inWait)
 	wake(&s.outWait)
@@ -545,7 +558,10 @@ func closeConn(conn net.Conn, abort bool) {
 	conn.Close()
 }
 
-// Conn is socket-c: the connection, or nil while connecting.
+// Conn is socket-c: the connection, or nil while connecting. The socket
+// reads and writes it and sets its deadlines: close the socket, not the
+// conn (an idle socket, with no read under way, notices a conn closed
+// under it only at its next write).
 func (s *Socket) Conn() net.Conn {
 	if s == nil {
 		return nil

@@ -81,6 +81,8 @@ func (s *Socket) timeoutsChangedLocked(ev Events) {
 	}
 	if ev&EvRead != 0 {
 		switch {
+		case s.enabled&EvRead != 0 && s.rtimeout > 0 && s.unparkLocked():
+			s.grp.Go(s.hop) // a reader to run the read timeout; it arms it
 		case s.enabled&EvRead != 0 && s.rtimeout > 0:
 			s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
 		case s.rdl == rdlTimeout:
@@ -149,6 +151,9 @@ func (s *Socket) hopWaitLocked(now int64) time.Duration {
 // wakeReaderLocked makes a blocked read return, so that the reader sees
 // that the socket no longer reads. mu is held.
 func (s *Socket) wakeReaderLocked() {
+	if s.unparkLocked() {
+		return // no reader to wake
+	}
 	s.setReadDeadlineLocked(rdlWake, aLongTimeAgo)
 }
 
