@@ -148,9 +148,9 @@ func (s *Socket) sleepLocked(d time.Duration) {
 	t.Stop()
 }
 
-// received passes the n bytes read into buf to the read-cb, or to the input
-// buffer in stream mode, and gives buf back to the pool. It reports false
-// once the socket no longer reads.
+// received passes the n bytes read into buf to the read-cb, and gives buf
+// back to the pool; in stream mode the input buffer takes them, and buf
+// with them. It reports false once the socket no longer reads.
 func (s *Socket) received(buf *[]byte, n int) bool {
 	p := (*buf)[:n]
 	if !s.streaming && (s.reuse || s.relaying.Load()) {
@@ -165,12 +165,12 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		return s.deliver(data)
 	}
 	s.mu.Lock()
-	defer putBuf(buf)
 	if s.phase != open {
 		s.mu.Unlock()
+		putBuf(buf)
 		return false
 	}
-	s.in.add(p)
+	s.in.add(buf, n) // the input owns buf from here
 	wake(&s.inWait)
 	announce := s.notice != noticeQueued
 	if announce {

@@ -82,71 +82,134 @@ func (st *Stream) takeLocked(p []byte) (n int, err error, done bool) {
 // received, oldest first. Chunks rather than one growing slice: a reader
 // ahead of the application would otherwise copy what is buffered each
 // time the slice grew (with 1 MiB buffered, several copies of every byte).
-// It is guarded by the socket's mu.
+// A large read keeps the reader's pooled buffer as its chunk, uncopied,
+// and the buffer goes back to the pool once its bytes are consumed; small
+// reads share chunks of their own. It is guarded by the socket's mu.
 type input struct {
-	chunks [][]byte
+	chunks []chunk // chunks[head:] are buffered; the list is reused once drained
+	head   int
 	n      int // bytes buffered
+}
+
+// chunk is a run of buffered bytes. Where b lies in a pooled read buffer,
+// pool is that buffer: it is owned by whoever holds the chunk, and given
+// back with putBuf once nothing refers to it. A chunk whose bytes code
+// that may keep a slice has seen is never given back (the garbage
+// collector takes it).
+type chunk struct {
+	b    []byte
+	pool *[]byte
+}
+
+// release gives a consumed chunk's pooled buffer back.
+func (c chunk) release() {
+	if c.pool != nil {
+		putBuf(c.pool)
+	}
 }
 
 // inputChunk is the chunk that small reads share.
 const inputChunk = 4 << 10
 
+// keepRead is the smallest read that keeps its pooled buffer (32 KiB)
+// instead of being copied: large enough that a buffer holds at most twice
+// the bytes it carries, so that the input limit still bounds the memory.
+const keepRead = readBufSize / 2
+
+// maxSpareChunks is the largest chunk list kept for reuse once drained:
+// room for the default input limit (1 MiB) in large reads, 2 KiB. A
+// socket whose application falls behind fills that many, and dropping the
+// list each time it drains would grow it again from one chunk.
+const maxSpareChunks = 2 * defaultInputLimit / readBufSize
+
 // len returns the number of bytes buffered.
 func (in *input) len() int { return in.n }
 
-// add copies p in, into the last chunk where it has room.
-func (in *input) add(p []byte) {
-	in.n += len(p)
-	if k := len(in.chunks); k > 0 {
-		if last := in.chunks[k-1]; cap(last)-len(last) >= len(p) {
-			in.chunks[k-1] = append(last, p...)
+// add takes the n bytes read into the pooled buffer buf, which it owns
+// from then on: it keeps buf as a chunk for a large read, and otherwise
+// copies the bytes into the last chunk where they fit, or a new one, and
+// gives buf back.
+func (in *input) add(buf *[]byte, n int) {
+	p := (*buf)[:n]
+	in.n += n
+	if n >= keepRead {
+		in.push(chunk{b: p, pool: buf})
+		return
+	}
+	defer putBuf(buf)
+	if k := len(in.chunks); k > in.head {
+		// The last chunk's spare room is the input's own, pooled or not:
+		// nothing past its bytes is referred to.
+		if last := in.chunks[k-1].b; cap(last)-len(last) >= n {
+			in.chunks[k-1].b = append(last, p...)
 			return
 		}
 	}
-	if len(p) >= inputChunk {
-		c := make([]byte, len(p)) // with the copy below, not zeroed first
-		copy(c, p)
-		in.chunks = append(in.chunks, c)
-		return
-	}
-	c := make([]byte, len(p), inputChunk) // small reads share a chunk
+	c := make([]byte, n, max(n, inputChunk)) // small reads share a chunk
 	copy(c, p)
+	in.push(chunk{b: c})
+}
+
+// push appends c to the list. Where the list is full and at least half of
+// it lies before head, the buffered chunks move down to make room, so
+// that a list that never quite drains does not grow.
+func (in *input) push(c chunk) {
+	if k := len(in.chunks); k == cap(in.chunks) && in.head > 0 && in.head >= k/2 {
+		live := copy(in.chunks, in.chunks[in.head:])
+		clear(in.chunks[live:])
+		in.chunks, in.head = in.chunks[:live], 0
+	}
 	in.chunks = append(in.chunks, c)
 }
 
 // read copies up to len(p) bytes out, and drops them.
 func (in *input) read(p []byte) int {
 	n := 0
-	for n < len(p) && len(in.chunks) > 0 {
-		c := copy(p[n:], in.chunks[0])
+	for n < len(p) && in.n > 0 {
+		c := copy(p[n:], in.chunks[in.head].b)
 		in.drop(c)
 		n += c
 	}
 	return n
 }
 
-// drop drops the first n bytes.
+// drop drops the first n bytes, and gives back the pooled buffers that
+// held them.
 func (in *input) drop(n int) {
-	in.n -= n
 	for n > 0 {
-		c := in.chunks[0]
-		if n < len(c) {
-			in.chunks[0] = c[n:]
+		c := &in.chunks[in.head]
+		if n < len(c.b) {
+			c.b = c.b[n:]
+			in.n -= n
 			return
 		}
-		n -= len(c)
-		in.chunks[0] = nil
-		in.chunks = in.chunks[1:]
-	}
-	if len(in.chunks) == 0 {
-		in.chunks = nil // let drained storage go
+		n -= len(c.b)
+		in.popFront().release()
 	}
 }
 
-// takeAll empties the buffer and returns what it held.
-func (in *input) takeAll() [][]byte {
-	c := in.chunks
-	in.chunks, in.n = nil, 0
+// popFront takes the first chunk off the list.
+func (in *input) popFront() chunk {
+	c := in.chunks[in.head]
+	in.chunks[in.head] = chunk{}
+	in.head++
+	in.n -= len(c.b)
+	if in.head == len(in.chunks) {
+		in.head = 0
+		in.chunks = in.chunks[:0]
+		if cap(in.chunks) > maxSpareChunks {
+			in.chunks = nil // let a long list go
+		}
+	}
+	return c
+}
+
+// takeAll empties the buffer and returns what it held. The caller owns
+// the chunks: it gives each back (release) once nothing refers to its
+// bytes, or lets the garbage collector take it.
+func (in *input) takeAll() []chunk {
+	c := in.chunks[in.head:]
+	in.chunks, in.head, in.n = nil, 0, 0
 	return c
 }
 
