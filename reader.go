@@ -172,7 +172,9 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 	}
 	s.in.add(buf, n) // the input owns buf from here
 	wake(&s.inWait)
-	announce := s.notice != noticeQueued
+	// Without a read-cb there is nobody to tell: a stream read takes the
+	// input. (Pipe announces what is buffered when it sets its read-cb.)
+	announce := s.notice != noticeQueued && (s.read != nil || s.sread != nil)
 	if announce {
 		s.notice = noticeQueued
 		s.dispatch(s.notify, false)
