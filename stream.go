@@ -1,6 +1,7 @@
 package asynctcp
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -61,21 +62,36 @@ func (st *Stream) Read(p []byte) (int, error) {
 // the caller would have to wait. s.mu is held.
 func (st *Stream) takeLocked(p []byte) (n int, err error, done bool) {
 	s := st.s
+	if len(p) == 0 && s.closer != byApp {
+		return 0, nil, true
+	}
+	ready, err := s.inputLocked()
+	switch {
+	case err != nil:
+		return 0, err, true
+	case !ready:
+		return 0, nil, false
+	}
+	n = s.in.read(p)
+	s.cond.Broadcast() // the reader may go on where the buffer was full
+	return n, nil, true
+}
+
+// inputLocked says what a stream read finds: input (ready), the end of
+// the reading with what a read returns then (err), or neither, where it
+// has to wait. s.mu is held.
+func (s *Socket) inputLocked() (ready bool, err error) {
 	switch {
 	case s.closer == byApp:
-		return 0, closedError(s), true
-	case len(p) == 0:
-		return 0, nil, true
+		return false, closedError(s)
 	case s.in.len() > 0:
-		n = s.in.read(p)
-		s.cond.Broadcast() // the reader may go on where the buffer was full
-		return n, nil, true
+		return true, nil
 	case s.inEnd != nil:
-		return 0, s.inEnd, true
+		return false, s.inEnd
 	case s.closer != nobody || s.phase == dead:
-		return 0, closedError(s), true
+		return false, closedError(s)
 	}
-	return 0, nil, false
+	return false, nil
 }
 
 // input is a stream-mode socket's input buffer: the chunks the reader
@@ -204,6 +220,19 @@ func (in *input) popFront() chunk {
 	return c
 }
 
+// pushFront puts c back in front, where it was taken from.
+func (in *input) pushFront(c chunk) {
+	in.n += len(c.b)
+	if in.head > 0 {
+		in.head--
+		in.chunks[in.head] = c
+		return
+	}
+	in.chunks = append(in.chunks, chunk{})
+	copy(in.chunks[1:], in.chunks)
+	in.chunks[0] = c
+}
+
 // takeAll empties the buffer and returns what it held. The caller owns
 // the chunks: it gives each back (release) once nothing refers to its
 // bytes, or lets the garbage collector take it.
@@ -238,6 +267,96 @@ func (st *Stream) ReadByte() (byte, error) {
 			return 0, err
 		}
 	}
+}
+
+// WriteTo is io.WriterTo, which io.Copy uses: it writes the input to w
+// as it arrives, straight from the input buffer, until the input ends. It
+// blocks for input as Read does, and returns the number of bytes written
+// with nil after the peer's EOF, the socket's event after an error, the
+// ErrSocketClosed event once the application closed the socket, or a
+// timeout at the read deadline (checked before each write to w, which it
+// does not bound). Where w fails, WriteTo returns w's error (or
+// io.ErrShortWrite where w took less without one); the bytes w did not
+// take stay buffered, and a later Read returns them.
+func (st *Stream) WriteTo(w io.Writer) (int64, error) {
+	if st == nil || st.s == nil {
+		return 0, nilSocket("Stream.WriteTo")
+	}
+	// The input's pooled buffers go back to the pool only after a writer
+	// known to keep no slice (io.Writer's rule, which a writer may break:
+	// a reused buffer would show it another socket's bytes).
+	_, keepsNone := w.(*Stream)
+	if _, ok := w.(*Socket); ok {
+		keepsNone = true
+	}
+	var total int64
+	for {
+		c, err := st.nextChunk()
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+		n, err := w.Write(c.b)
+		if n < 0 || n > len(c.b) {
+			n, err = 0, errInvalidWrite
+		}
+		total += int64(n)
+		if n < len(c.b) && err == nil {
+			err = io.ErrShortWrite
+		}
+		st.s.putBack(c, n, keepsNone)
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// errInvalidWrite is WriteTo's error for a writer that reports an
+// impossible count, as io.Copy's.
+var errInvalidWrite = errors.New("asynctcp: invalid write result")
+
+// nextChunk waits for input, as Read does, and takes the first chunk off
+// the input buffer.
+func (st *Stream) nextChunk() (chunk, error) {
+	s := st.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		if st.rdl.passed() {
+			return chunk{}, os.ErrDeadlineExceeded
+		}
+		ready, err := s.inputLocked()
+		if err != nil {
+			return chunk{}, err
+		}
+		if ready {
+			c := s.in.popFront()
+			s.cond.Broadcast() // the reader may go on where the buffer was full
+			return c, nil
+		}
+		s.awaitLocked(&s.inWait, &st.rdl)
+	}
+}
+
+// putBack returns a chunk that WriteTo took, after n of its bytes were
+// written: the rest goes back in front of the input, and a pooled buffer
+// that is done with goes back to the pool where nothing may refer to it
+// (keepsNone); otherwise the garbage collector takes it.
+func (s *Socket) putBack(c chunk, n int, keepsNone bool) {
+	if !keepsNone {
+		c.pool = nil
+	}
+	if n == len(c.b) {
+		c.release()
+		return
+	}
+	c.b = c.b[n:]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.in.pushFront(c)
+	wake(&s.inWait)
 }
 
 // Write queues p on the socket's output buffer and returns len(p). It
@@ -490,3 +609,4 @@ func closed[T any](ch <-chan T) bool {
 
 var _ net.Conn = (*Stream)(nil)
 var _ io.ByteReader = (*Stream)(nil)
+var _ io.WriterTo = (*Stream)(nil)
