@@ -278,19 +278,30 @@ func (st *Stream) ReadByte() (byte, error) {
 // does not bound). Where w fails, WriteTo returns w's error (or
 // io.ErrShortWrite where w took less without one); the bytes w did not
 // take stay buffered, and a later Read returns them.
+//
+// Where w is a Stream, WriteTo writes to it only once the output queued
+// on it has been written (or its write deadline has passed, or it can no
+// longer write): the input then goes to w's connection as it is, rather
+// than being copied into w's output queue, and w queues at most what its
+// connection did not take of one write, not the 1 MiB that w.Write
+// allows. Until then the input stays buffered, up to the input limit.
 func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 	if st == nil || st.s == nil {
 		return 0, nilSocket("Stream.WriteTo")
 	}
+	dst, _ := w.(*Stream)
 	// The input's pooled buffers go back to the pool only after a writer
 	// known to keep no slice (io.Writer's rule, which a writer may break:
 	// a reused buffer would show it another socket's bytes).
-	_, keepsNone := w.(*Stream)
+	keepsNone := dst != nil
 	if _, ok := w.(*Socket); ok {
 		keepsNone = true
 	}
 	var total int64
 	for {
+		if dst != nil {
+			dst.awaitWritten() // with the input left as it is meanwhile
+		}
 		c, err := st.nextChunk()
 		if err == io.EOF {
 			return total, nil
@@ -310,6 +321,22 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 		if err != nil {
 			return total, err
 		}
+	}
+}
+
+// awaitWritten waits until the output queued on the stream's socket has
+// been written, or until no more will be: the socket or its write side
+// closed or failed, or the write deadline passed (a Write then says
+// which).
+func (st *Stream) awaitWritten() {
+	s := st.s
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.outLen > 0 && !s.writeClosedLocked() && !st.wdl.passed() {
+		s.awaitLocked(&s.outWait, &st.wdl)
 	}
 }
 

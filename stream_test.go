@@ -2024,3 +2024,53 @@ func TestStreamClearInputDropsPooledChunksOnly(t *testing.T) {
 	proxy.Close()
 	waitLoopNil(t, l, stTimeout)
 }
+
+// TestStreamWriteToStreamWaitsForItsOutput copies a stream into another
+// whose peer does not read: WriteTo waits for the destination's output to
+// be written instead of queueing on it, so the destination holds at most
+// one read's worth (32 KiB) and the rest waits in the source's input, up
+// to its limit. Once the peer reads, every byte arrives in order.
+func TestStreamWriteToStreamWaitsForItsOutput(t *testing.T) {
+	l := newTestLoop(t)
+	const limit = 256 << 10
+	peer, src, srv := stPair(t, l, stPairOpts{server: []asynctcp.Option{asynctcp.InputLimit(limit)}})
+	ln, port := listenRaw(t)
+	dst, err := l.ConnectStream("127.0.0.1", port, nil, func(error) {}, asynctcp.SendBuffer(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := acceptRaw(t, ln) // not read until the source is full
+
+	const size = 16 << 20
+	sent := make(chan error, 1)
+	go func() {
+		_, err := peer.Write(makePatternAt(0, size))
+		sent <- err
+	}()
+	copied := stGoWriteTo(src, dst)
+	eventuallyWithin(t, stTimeout, "the source's input to fill to its limit", func() bool { return src.Buffered() == limit })
+	if n := dst.Socket().Buffered(); n > 32<<10 {
+		t.Fatalf("the destination queued %d bytes, want at most 32 KiB", n)
+	}
+
+	sinkRead := readAllAsync(sink)
+	if err := waitForWithin(t, sent, stTimeout, "the writer of the input"); err != nil {
+		t.Fatal(err)
+	}
+	if err := peer.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res := waitForWithin(t, copied, stTimeout, "WriteTo to end at EOF")
+	if res.n != size || res.err != nil {
+		t.Fatalf("WriteTo = %d, %v; want %d, nil", res.n, res.err, size)
+	}
+	if err := dst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got := waitForWithin(t, sinkRead, stTimeout, "dst's peer to read to EOF")
+	if got.err != nil || len(got.data) != size || !isPatternAt(0, got.data) {
+		t.Fatalf("dst's peer read %d bytes (%v), want all %d in order", len(got.data), got.err, size)
+	}
+	srv.Close()
+	waitLoopNil(t, l, stTimeout)
+}
