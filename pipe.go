@@ -67,7 +67,7 @@ func (src *Socket) pipeTo(dst *Socket, low, high int) {
 // Unless the loop is Serial, dst's write-cb may run between the check and
 // the Disable, so the check comes again after it.
 func (src *Socket) relay(dst *Socket, data []byte, high int) {
-	chunks := [][]byte{data}
+	chunks := []chunk{{b: data}}
 	if data == nil {
 		src.mu.Lock()
 		chunks = src.in.takeAll()
@@ -75,9 +75,10 @@ func (src *Socket) relay(dst *Socket, data []byte, high int) {
 		src.mu.Unlock()
 	}
 	for _, c := range chunks {
-		if len(c) > 0 && dst.WriteData(c) != nil {
+		if len(c.b) > 0 && dst.WriteData(c.b) != nil {
 			return // dst is closed: its end closes src
 		}
+		c.release() // WriteData keeps no slice: it copies what it queues
 	}
 	if dst.Buffered() >= high {
 		src.Disable(EvRead)

@@ -201,9 +201,9 @@ func (s *Socket) sleepLocked(d time.Duration) {
 	t.Stop()
 }
 
-// received passes the n bytes read into buf to the read-cb, or to the input
-// buffer in stream mode, and gives buf back to the pool. It reports false
-// once the socket no longer reads.
+// received passes the n bytes read into buf to the read-cb, and gives buf
+// back to the pool; in stream mode the input buffer takes them, and buf
+// with them. It reports false once the socket no longer reads.
 func (s *Socket) received(buf *[]byte, n int) bool {
 	p := (*buf)[:n]
 	if !s.streaming && (s.reuse || s.relaying.Load()) {
@@ -218,14 +218,16 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		return s.deliver(data)
 	}
 	s.mu.Lock()
-	defer putBuf(buf)
 	if s.phase != open {
 		s.mu.Unlock()
+		putBuf(buf)
 		return false
 	}
-	s.in.add(p)
+	s.in.add(buf, n) // the input owns buf from here
 	wake(&s.inWait)
-	announce := s.notice != noticeQueued
+	// Without a read-cb there is nobody to tell: a stream read takes the
+	// input. (Pipe announces what is buffered when it sets its read-cb.)
+	announce := s.notice != noticeQueued && (s.read != nil || s.sread != nil)
 	if announce {
 		s.notice = noticeQueued
 		s.dispatch(s.notify, false)

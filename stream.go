@@ -1,6 +1,7 @@
 package asynctcp
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -61,92 +62,183 @@ func (st *Stream) Read(p []byte) (int, error) {
 // the caller would have to wait. s.mu is held.
 func (st *Stream) takeLocked(p []byte) (n int, err error, done bool) {
 	s := st.s
+	if len(p) == 0 && s.closer != byApp {
+		return 0, nil, true
+	}
+	ready, err := s.inputLocked()
+	switch {
+	case err != nil:
+		return 0, err, true
+	case !ready:
+		return 0, nil, false
+	}
+	n = s.in.read(p)
+	s.cond.Broadcast() // the reader may go on where the buffer was full
+	return n, nil, true
+}
+
+// inputLocked says what a stream read finds: input (ready), the end of
+// the reading with what a read returns then (err), or neither, where it
+// has to wait. s.mu is held.
+func (s *Socket) inputLocked() (ready bool, err error) {
 	switch {
 	case s.closer == byApp:
-		return 0, closedError(s), true
-	case len(p) == 0:
-		return 0, nil, true
+		return false, closedError(s)
 	case s.in.len() > 0:
-		n = s.in.read(p)
-		s.cond.Broadcast() // the reader may go on where the buffer was full
-		return n, nil, true
+		return true, nil
 	case s.inEnd != nil:
-		return 0, s.inEnd, true
+		return false, s.inEnd
 	case s.closer != nobody || s.phase == dead:
-		return 0, closedError(s), true
+		return false, closedError(s)
 	}
-	return 0, nil, false
+	return false, nil
 }
 
 // input is a stream-mode socket's input buffer: the chunks the reader
 // received, oldest first. Chunks rather than one growing slice: a reader
 // ahead of the application would otherwise copy what is buffered each
 // time the slice grew (with 1 MiB buffered, several copies of every byte).
-// It is guarded by the socket's mu.
+// A large read keeps the reader's pooled buffer as its chunk, uncopied,
+// and the buffer goes back to the pool once its bytes are consumed; small
+// reads share chunks of their own. It is guarded by the socket's mu.
 type input struct {
-	chunks [][]byte
+	chunks []chunk // chunks[head:] are buffered; the list is reused once drained
+	head   int
 	n      int // bytes buffered
+}
+
+// chunk is a run of buffered bytes. Where b lies in a pooled read buffer,
+// pool is that buffer: it is owned by whoever holds the chunk, and given
+// back with putBuf once nothing refers to it. A chunk whose bytes code
+// that may keep a slice has seen is never given back (the garbage
+// collector takes it).
+type chunk struct {
+	b    []byte
+	pool *[]byte
+}
+
+// release gives a consumed chunk's pooled buffer back.
+func (c chunk) release() {
+	if c.pool != nil {
+		putBuf(c.pool)
+	}
 }
 
 // inputChunk is the chunk that small reads share.
 const inputChunk = 4 << 10
 
+// keepRead is the smallest read that keeps its pooled buffer (32 KiB)
+// instead of being copied: large enough that a buffer holds at most twice
+// the bytes it carries, so that the input limit still bounds the memory.
+const keepRead = readBufSize / 2
+
+// maxSpareChunks is the largest chunk list kept for reuse once drained:
+// room for the default input limit (1 MiB) in large reads, 2 KiB. A
+// socket whose application falls behind fills that many, and dropping the
+// list each time it drains would grow it again from one chunk.
+const maxSpareChunks = 2 * defaultInputLimit / readBufSize
+
 // len returns the number of bytes buffered.
 func (in *input) len() int { return in.n }
 
-// add copies p in, into the last chunk where it has room.
-func (in *input) add(p []byte) {
-	in.n += len(p)
-	if k := len(in.chunks); k > 0 {
-		if last := in.chunks[k-1]; cap(last)-len(last) >= len(p) {
-			in.chunks[k-1] = append(last, p...)
+// add takes the n bytes read into the pooled buffer buf, which it owns
+// from then on: it keeps buf as a chunk for a large read, and otherwise
+// copies the bytes into the last chunk where they fit, or a new one, and
+// gives buf back.
+func (in *input) add(buf *[]byte, n int) {
+	p := (*buf)[:n]
+	in.n += n
+	if n >= keepRead {
+		in.push(chunk{b: p, pool: buf})
+		return
+	}
+	defer putBuf(buf)
+	if k := len(in.chunks); k > in.head {
+		// The last chunk's spare room is the input's own, pooled or not:
+		// nothing past its bytes is referred to.
+		if last := in.chunks[k-1].b; cap(last)-len(last) >= n {
+			in.chunks[k-1].b = append(last, p...)
 			return
 		}
 	}
-	if len(p) >= inputChunk {
-		c := make([]byte, len(p)) // with the copy below, not zeroed first
-		copy(c, p)
-		in.chunks = append(in.chunks, c)
-		return
-	}
-	c := make([]byte, len(p), inputChunk) // small reads share a chunk
+	c := make([]byte, n, max(n, inputChunk)) // small reads share a chunk
 	copy(c, p)
+	in.push(chunk{b: c})
+}
+
+// push appends c to the list. Where the list is full and at least half of
+// it lies before head, the buffered chunks move down to make room, so
+// that a list that never quite drains does not grow.
+func (in *input) push(c chunk) {
+	if k := len(in.chunks); k == cap(in.chunks) && in.head > 0 && in.head >= k/2 {
+		live := copy(in.chunks, in.chunks[in.head:])
+		clear(in.chunks[live:])
+		in.chunks, in.head = in.chunks[:live], 0
+	}
 	in.chunks = append(in.chunks, c)
 }
 
 // read copies up to len(p) bytes out, and drops them.
 func (in *input) read(p []byte) int {
 	n := 0
-	for n < len(p) && len(in.chunks) > 0 {
-		c := copy(p[n:], in.chunks[0])
+	for n < len(p) && in.n > 0 {
+		c := copy(p[n:], in.chunks[in.head].b)
 		in.drop(c)
 		n += c
 	}
 	return n
 }
 
-// drop drops the first n bytes.
+// drop drops the first n bytes, and gives back the pooled buffers that
+// held them.
 func (in *input) drop(n int) {
-	in.n -= n
 	for n > 0 {
-		c := in.chunks[0]
-		if n < len(c) {
-			in.chunks[0] = c[n:]
+		c := &in.chunks[in.head]
+		if n < len(c.b) {
+			c.b = c.b[n:]
+			in.n -= n
 			return
 		}
-		n -= len(c)
-		in.chunks[0] = nil
-		in.chunks = in.chunks[1:]
-	}
-	if len(in.chunks) == 0 {
-		in.chunks = nil // let drained storage go
+		n -= len(c.b)
+		in.popFront().release()
 	}
 }
 
-// takeAll empties the buffer and returns what it held.
-func (in *input) takeAll() [][]byte {
-	c := in.chunks
-	in.chunks, in.n = nil, 0
+// popFront takes the first chunk off the list.
+func (in *input) popFront() chunk {
+	c := in.chunks[in.head]
+	in.chunks[in.head] = chunk{}
+	in.head++
+	in.n -= len(c.b)
+	if in.head == len(in.chunks) {
+		in.head = 0
+		in.chunks = in.chunks[:0]
+		if cap(in.chunks) > maxSpareChunks {
+			in.chunks = nil // let a long list go
+		}
+	}
+	return c
+}
+
+// pushFront puts c back in front, where it was taken from.
+func (in *input) pushFront(c chunk) {
+	in.n += len(c.b)
+	if in.head > 0 {
+		in.head--
+		in.chunks[in.head] = c
+		return
+	}
+	in.chunks = append(in.chunks, chunk{})
+	copy(in.chunks[1:], in.chunks)
+	in.chunks[0] = c
+}
+
+// takeAll empties the buffer and returns what it held. The caller owns
+// the chunks: it gives each back (release) once nothing refers to its
+// bytes, or lets the garbage collector take it.
+func (in *input) takeAll() []chunk {
+	c := in.chunks[in.head:]
+	in.chunks, in.head, in.n = nil, 0, 0
 	return c
 }
 
@@ -175,6 +267,123 @@ func (st *Stream) ReadByte() (byte, error) {
 			return 0, err
 		}
 	}
+}
+
+// WriteTo is io.WriterTo, which io.Copy uses: it writes the input to w
+// as it arrives, straight from the input buffer, until the input ends. It
+// blocks for input as Read does, and returns the number of bytes written
+// with nil after the peer's EOF, the socket's event after an error, the
+// ErrSocketClosed event once the application closed the socket, or a
+// timeout at the read deadline (checked before each write to w, which it
+// does not bound). Where w fails, WriteTo returns w's error (or
+// io.ErrShortWrite where w took less without one); the bytes w did not
+// take stay buffered, and a later Read returns them.
+//
+// Where w is a Stream, WriteTo writes to it only once the output queued
+// on it has been written (or its write deadline has passed, or it can no
+// longer write): the input then goes to w's connection as it is, rather
+// than being copied into w's output queue, and w queues at most what its
+// connection did not take of one write, not the 1 MiB that w.Write
+// allows. Until then the input stays buffered, up to the input limit.
+func (st *Stream) WriteTo(w io.Writer) (int64, error) {
+	if st == nil || st.s == nil {
+		return 0, nilSocket("Stream.WriteTo")
+	}
+	dst, _ := w.(*Stream)
+	// The input's pooled buffers go back to the pool only after a writer
+	// known to keep no slice (io.Writer's rule, which a writer may break:
+	// a reused buffer would show it another socket's bytes).
+	keepsNone := dst != nil
+	if _, ok := w.(*Socket); ok {
+		keepsNone = true
+	}
+	var total int64
+	for {
+		if dst != nil {
+			dst.awaitWritten() // with the input left as it is meanwhile
+		}
+		c, err := st.nextChunk()
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+		n, err := w.Write(c.b)
+		if n < 0 || n > len(c.b) {
+			n, err = 0, errInvalidWrite
+		}
+		total += int64(n)
+		if n < len(c.b) && err == nil {
+			err = io.ErrShortWrite
+		}
+		st.s.putBack(c, n, keepsNone)
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// awaitWritten waits until the output queued on the stream's socket has
+// been written, or until no more will be: the socket or its write side
+// closed or failed, or the write deadline passed (a Write then says
+// which).
+func (st *Stream) awaitWritten() {
+	s := st.s
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.outLen > 0 && !s.writeClosedLocked() && !st.wdl.passed() {
+		s.awaitLocked(&s.outWait, &st.wdl)
+	}
+}
+
+// errInvalidWrite is WriteTo's error for a writer that reports an
+// impossible count, as io.Copy's.
+var errInvalidWrite = errors.New("asynctcp: invalid write result")
+
+// nextChunk waits for input, as Read does, and takes the first chunk off
+// the input buffer.
+func (st *Stream) nextChunk() (chunk, error) {
+	s := st.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		if st.rdl.passed() {
+			return chunk{}, os.ErrDeadlineExceeded
+		}
+		ready, err := s.inputLocked()
+		if err != nil {
+			return chunk{}, err
+		}
+		if ready {
+			c := s.in.popFront()
+			s.cond.Broadcast() // the reader may go on where the buffer was full
+			return c, nil
+		}
+		s.awaitLocked(&s.inWait, &st.rdl)
+	}
+}
+
+// putBack returns a chunk that WriteTo took, after n of its bytes were
+// written: the rest goes back in front of the input, and a pooled buffer
+// that is done with goes back to the pool where nothing may refer to it
+// (keepsNone); otherwise the garbage collector takes it.
+func (s *Socket) putBack(c chunk, n int, keepsNone bool) {
+	if !keepsNone {
+		c.pool = nil
+	}
+	if n == len(c.b) {
+		c.release()
+		return
+	}
+	c.b = c.b[n:]
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.in.pushFront(c)
+	wake(&s.inWait)
 }
 
 // Write queues p on the socket's output buffer and returns len(p). It
@@ -427,3 +636,4 @@ func closed[T any](ch <-chan T) bool {
 
 var _ net.Conn = (*Stream)(nil)
 var _ io.ByteReader = (*Stream)(nil)
+var _ io.WriterTo = (*Stream)(nil)

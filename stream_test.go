@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1410,6 +1412,665 @@ func TestStreamAddrs(t *testing.T) {
 	}
 	c.Close()
 	s.Close()
+	srv.Close()
+	waitLoopNil(t, l, stTimeout)
+}
+
+// stEchoServer starts a plain net echo server on loopback: each
+// connection echoes what it reads and closes after the peer's EOF. Its
+// cleanup closes the listener and every connection, and waits for them;
+// call it before newTestLoop, so that on a failure the loop's Exit has
+// ended the proxies' sockets first.
+func stEchoServer(t *testing.T) int {
+	t.Helper()
+	ln, port := listenRaw(t)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				io.Copy(c, c)
+				c.Close()
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return port
+}
+
+// stCopied is what one io.Copy of a stream proxy copied.
+type stCopied struct {
+	n   int64
+	err error
+}
+
+// stProxied is one connection through an stProxy: the accepted socket
+// (down), the socket to the upstream (up), and with io.Copy what each
+// direction's copy returned.
+type stProxied struct {
+	down, up     *asynctcp.Socket
+	toUp, toDown <-chan stCopied
+}
+
+// How an stProxy relays.
+const (
+	stByWriteTo = iota // io.Copy, which takes Stream.WriteTo
+	stByRead           // io.CopyBuffer through Stream.Read, 5000 bytes at a time
+	stByPipe           // Pipe
+)
+
+// stProxy starts a proxy of l in front of upstream, on streams: per
+// accepted stream a stream to upstream, and either a copy both ways (each
+// closing its destination at its end) or Pipe. Each connection is sent on
+// the returned channel; relays counts the copying goroutines.
+func stProxy(t *testing.T, l *asynctcp.Loop, upstream, by int, relays *sync.WaitGroup) (*asynctcp.Server, int, <-chan stProxied) {
+	t.Helper()
+	proxied := make(chan stProxied, 64)
+	relay := func(dst, src *asynctcp.Stream, res chan<- stCopied) {
+		defer relays.Done()
+		var n int64
+		var err error
+		if by == stByRead {
+			// A small buffer, so that reads take pooled chunks in parts.
+			n, err = io.CopyBuffer(dst, struct{ io.Reader }{src}, make([]byte, 5000))
+		} else {
+			n, err = io.Copy(dst, src)
+		}
+		dst.Close()
+		res <- stCopied{n, err}
+	}
+	accepted := asynctcp.OnConnect(func(a *asynctcp.Socket) {
+		up, err := l.ConnectStream("127.0.0.1", upstream, nil, func(error) {})
+		if err != nil {
+			t.Errorf("proxy: ConnectStream upstream: %v", err)
+			a.Abort()
+			return
+		}
+		p := stProxied{down: a, up: up.Socket()}
+		if by == stByPipe {
+			if err := asynctcp.Pipe(a, up.Socket(), 64<<10, 256<<10); err != nil {
+				t.Errorf("Pipe: %v", err)
+			}
+			proxied <- p
+			return
+		}
+		toUp, toDown := make(chan stCopied, 1), make(chan stCopied, 1)
+		p.toUp, p.toDown = toUp, toDown
+		down := asynctcp.NewStream(a)
+		relays.Add(2)
+		go relay(up, down, toUp)
+		go relay(down, up, toDown)
+		proxied <- p
+	})
+	srv, err := l.ListenStream("127.0.0.1", 0, nil, func(error) {}, accepted)
+	if err != nil {
+		t.Fatalf("proxy ListenStream: %v", err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv, portOf(t, srv.Addr()), proxied
+}
+
+// stEchoThrough sends size bytes of the patternAt stream from offset off
+// through the connection c to an echo server, in random chunks of 1 byte
+// to 100 KiB, reads the echo and checks it byte for byte.
+func stEchoThrough(c net.Conn, off, size int, seed int64) error {
+	sent := make(chan error, 1)
+	go func() {
+		rng := rand.New(rand.NewSource(seed))
+		data := makePatternAt(off, size)
+		for len(data) > 0 {
+			n := min(len(data), 1+rng.Intn(100<<10))
+			if _, err := c.Write(data[:n]); err != nil {
+				sent <- err
+				return
+			}
+			data = data[n:]
+		}
+		sent <- nil
+	}()
+	got := make([]byte, size)
+	_, rerr := io.ReadFull(c, got)
+	if err := <-sent; err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if rerr != nil {
+		return fmt.Errorf("read of the echo: %w", rerr)
+	}
+	if !isPatternAt(off, got) {
+		want := makePatternAt(off, size)
+		return fmt.Errorf("echo differs from what was sent at byte %d of %d", firstDiff(got, want), size)
+	}
+	return nil
+}
+
+// TestStreamProxyKeepsEveryByteAcrossSockets sends several MiB through
+// each of several connections at once, both ways through a proxy on
+// streams (io.Copy, which takes Stream.WriteTo; Stream.Read in small
+// parts; or Pipe) in front of an
+// echo server, in random chunk sizes: every byte comes back in order,
+// though the sockets share one pool of read buffers, which their input
+// buffers keep and give back. io.Copy returns what went through, and the
+// sockets' counters agree.
+func TestStreamProxyKeepsEveryByteAcrossSockets(t *testing.T) {
+	for _, mode := range []struct {
+		name string
+		by   int
+	}{{"WriteTo", stByWriteTo}, {"Read", stByRead}, {"Pipe", stByPipe}} {
+		t.Run(mode.name, func(t *testing.T) {
+			upstream := stEchoServer(t)
+			var relays sync.WaitGroup
+			t.Cleanup(relays.Wait) // after the loop's cleanup has closed the streams
+			l := newTestLoop(t)
+			srv, port, proxied := stProxy(t, l, upstream, mode.by, &relays)
+			const conns = 6
+			sizes := make([]int, conns)
+			errs := make(chan error, conns)
+			for i := range conns {
+				sizes[i] = 2<<20 + i*4099
+				c := dialRaw(t, port)
+				c.SetDeadline(time.Now().Add(stTimeout))
+				go func() {
+					err := stEchoThrough(c, i*37, sizes[i], int64(i)+1)
+					c.Close()
+					if err != nil {
+						err = fmt.Errorf("connection %d: %w", i, err)
+					}
+					errs <- err
+				}()
+			}
+			for range conns {
+				if err := waitForWithin(t, errs, 2*stTimeout, "a connection's echo"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var counted []int
+			for range conns {
+				p := waitForWithin(t, proxied, stTimeout, "a proxied connection")
+				waitForWithin(t, p.down.Done(), stTimeout, "the accepted socket to end")
+				waitForWithin(t, p.up.Done(), stTimeout, "the upstream socket to end")
+				n := p.down.BytesRead()
+				counters := []int64{p.down.BytesWritten(), p.up.BytesRead(), p.up.BytesWritten()}
+				for _, c := range counters {
+					if c != n {
+						t.Errorf("down read %d; down wrote, up read, up wrote %v: want all equal", n, counters)
+					}
+				}
+				if p.toUp != nil {
+					up := waitForWithin(t, p.toUp, stTimeout, "io.Copy to upstream")
+					down := waitForWithin(t, p.toDown, stTimeout, "io.Copy from upstream")
+					if up.n != n || up.err != nil {
+						t.Errorf("io.Copy(up, down) = %d, %v; want %d, nil", up.n, up.err, n)
+					}
+					if down.n != n || (down.err != nil && !errors.Is(down.err, asynctcp.ErrSocketClosed)) {
+						t.Errorf("io.Copy(down, up) = %d, %v; want %d and nil or ErrSocketClosed (up was closed)", down.n, down.err, n)
+					}
+				}
+				counted = append(counted, int(n))
+			}
+			slices.Sort(counted)
+			if !slices.Equal(counted, sizes) {
+				t.Errorf("bytes read per accepted socket %v, want %v", counted, sizes)
+			}
+			srv.Close()
+			waitLoopNil(t, l, stTimeout)
+		})
+	}
+}
+
+// stWriteToResult is what a Stream.WriteTo returned.
+type stWriteToResult struct {
+	n   int64
+	err error
+}
+
+// stGoWriteTo runs st.WriteTo(w) in a goroutine.
+func stGoWriteTo(st *asynctcp.Stream, w io.Writer) <-chan stWriteToResult {
+	ch := make(chan stWriteToResult, 1)
+	go func() {
+		n, err := st.WriteTo(w)
+		ch <- stWriteToResult{n, err}
+	}()
+	return ch
+}
+
+// stSink is the writer of WriteTo's tests: it keeps what it takes and
+// signals each write on wrote (if set). With limit set, it takes no more
+// than limit bytes in all and fails with err (a short write where err is
+// nil).
+type stSink struct {
+	got   []byte
+	wrote chan struct{}
+	limit int
+	err   error
+}
+
+func (w *stSink) Write(p []byte) (int, error) {
+	n := len(p)
+	if w.limit > 0 {
+		n = min(n, w.limit-len(w.got))
+	}
+	w.got = append(w.got, p[:n]...)
+	if w.wrote != nil {
+		signal(w.wrote, struct{}{})
+	}
+	if n < len(p) {
+		return n, w.err
+	}
+	return n, nil
+}
+
+// TestStreamWriteToHonoursTheReadDeadline checks that WriteTo returns a
+// timeout at once where the read deadline has passed, leaving the input
+// buffered; that a deadline passing while it waits for input ends it with
+// what it wrote and a timeout; and that once the deadline is cleared it
+// writes on until EOF, and returns nil then.
+func TestStreamWriteToHonoursTheReadDeadline(t *testing.T) {
+	l := newTestLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	if _, err := c.WriteString("abc"); err != nil {
+		t.Fatal(err)
+	}
+	eventuallyWithin(t, stTimeout, "3 bytes buffered", func() bool { return s.Buffered() == 3 })
+
+	s.SetReadDeadline(time.Now().Add(-time.Second))
+	var w stSink
+	n, err := s.WriteTo(&w)
+	stWantTimeout(t, err, "WriteTo past the read deadline")
+	if n != 0 || len(w.got) != 0 || s.Buffered() != 3 {
+		t.Fatalf("WriteTo past the deadline wrote %d (%q), left %d buffered; want 0, 3 buffered", n, w.got, s.Buffered())
+	}
+
+	s.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	w = stSink{}
+	res := waitForWithin(t, stGoWriteTo(s, &w), stTimeout, "WriteTo to end at the read deadline")
+	stWantTimeout(t, res.err, "WriteTo waiting for input at the read deadline")
+	if res.n != 3 || string(w.got) != "abc" {
+		t.Fatalf("WriteTo until the deadline = %d (%q), want 3 (\"abc\")", res.n, w.got)
+	}
+
+	s.SetReadDeadline(time.Time{})
+	w = stSink{wrote: make(chan struct{}, 1)}
+	done := stGoWriteTo(s, &w)
+	if _, err := c.WriteString("def"); err != nil {
+		t.Fatal(err)
+	}
+	waitForWithin(t, w.wrote, stTimeout, "WriteTo to write the input after the deadline was cleared")
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res = waitForWithin(t, done, stTimeout, "WriteTo to end at EOF")
+	if res.n != 3 || res.err != nil || string(w.got) != "def" {
+		t.Fatalf("WriteTo to EOF = %d, %v (%q); want 3, nil (\"def\")", res.n, res.err, w.got)
+	}
+	srv.Close()
+	waitLoopNil(t, l, stTimeout)
+}
+
+// TestStreamWriteToEndsWhenClosedFromAnotherGoroutine checks that a
+// WriteTo waiting for input returns what it wrote and an ErrSocketClosed
+// event once the application closes the socket, however it does.
+func TestStreamWriteToEndsWhenClosedFromAnotherGoroutine(t *testing.T) {
+	closes := []struct {
+		name  string
+		close func(st *asynctcp.Stream) error
+	}{
+		{"Stream.Close", func(st *asynctcp.Stream) error { return st.Close() }},
+		{"Socket.Close", func(st *asynctcp.Stream) error { return st.Socket().Close() }},
+		{"Socket.Abort", func(st *asynctcp.Stream) error { return st.Socket().Abort() }},
+	}
+	for _, tc := range closes {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newTestLoop(t)
+			c, s, srv := stPair(t, l, stPairOpts{})
+			w := stSink{wrote: make(chan struct{}, 1)}
+			done := stGoWriteTo(s, &w)
+			if _, err := c.WriteString("hello"); err != nil {
+				t.Fatal(err)
+			}
+			waitForWithin(t, w.wrote, stTimeout, "WriteTo to write the input")
+			if err := tc.close(s); err != nil {
+				t.Fatal(err)
+			}
+			res := waitForWithin(t, done, stTimeout, "WriteTo to end after "+tc.name)
+			if res.n != 5 || string(w.got) != "hello" {
+				t.Fatalf("WriteTo = %d (%q), want 5 (\"hello\")", res.n, w.got)
+			}
+			wantSocketClosed(t, res.err, s.Socket(), "WriteTo after "+tc.name)
+			c.Close()
+			srv.Close()
+			waitLoopNil(t, l, stTimeout)
+		})
+	}
+}
+
+// TestStreamWriteToAfterResetGivesEvent checks that WriteTo writes the
+// input that came before a reset, then returns the socket's ErrTCPEOF
+// event with Code set.
+func TestStreamWriteToAfterResetGivesEvent(t *testing.T) {
+	l := newTestLoop(t)
+	ln, port := listenRaw(t)
+	c, err := l.ConnectStream("127.0.0.1", port, nil, func(error) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := acceptRawKeepBuf(t, ln)
+	w := stSink{wrote: make(chan struct{}, 1)}
+	done := stGoWriteTo(c, &w)
+	if _, err := peer.Write([]byte("the rest")); err != nil {
+		t.Fatal(err)
+	}
+	waitForWithin(t, w.wrote, stTimeout, "WriteTo to write the input")
+	if err := peer.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	peer.Close() // RST
+	res := waitForWithin(t, done, stTimeout, "WriteTo to end after the reset")
+	if res.n != 8 || string(w.got) != "the rest" {
+		t.Fatalf("WriteTo = %d (%q), want 8 (\"the rest\")", res.n, w.got)
+	}
+	var e *asynctcp.Event
+	if !errors.As(res.err, &e) || !errors.Is(res.err, asynctcp.ErrTCPEOF) || e.Code == -1 {
+		t.Fatalf("WriteTo after a reset = %v (%T), want an ErrTCPEOF *Event with Code set", res.err, res.err)
+	}
+	waitLoopNil(t, l, stTimeout)
+}
+
+// TestStreamWriteToWritesBufferedInputThenNilAtEOF checks that after the
+// peer's EOF WriteTo writes what is buffered, byte for byte, and returns
+// nil, as io.Copy does at EOF.
+func TestStreamWriteToWritesBufferedInputThenNilAtEOF(t *testing.T) {
+	l := newTestLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+	const size = 300 << 10
+	if _, err := c.Write(makePatternAt(0, size)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventuallyWithin(t, stTimeout, "asynctcp to close the socket after its EOF", s.Socket().Closed)
+	if n := s.Buffered(); n != size {
+		t.Fatalf("Buffered() after EOF = %d, want %d", n, size)
+	}
+	var w stSink
+	n, err := s.WriteTo(&w)
+	if n != size || err != nil {
+		t.Fatalf("WriteTo after EOF = %d, %v; want %d, nil", n, err, size)
+	}
+	if !isPatternAt(0, w.got) {
+		t.Fatalf("WriteTo wrote bytes that differ from the input at byte %d", firstDiff(w.got, makePatternAt(0, size)))
+	}
+	if n, err := s.WriteTo(&w); n != 0 || err != nil {
+		t.Fatalf("WriteTo again = %d, %v; want 0, nil", n, err)
+	}
+	if got := s.Socket().BytesRead(); got != size {
+		t.Errorf("BytesRead() = %d, want %d", got, size)
+	}
+	srv.Close()
+	waitLoopNil(t, l, stTimeout)
+}
+
+// TestStreamWriteToLeavesWhatTheWriterRefusedBuffered checks that where
+// the writer fails, or takes less without an error, WriteTo returns what
+// it took and the writer's error (or io.ErrShortWrite), and that the bytes
+// it did not take stay buffered, in order, for the next read.
+func TestStreamWriteToLeavesWhatTheWriterRefusedBuffered(t *testing.T) {
+	errFull := errors.New("sink full")
+	for _, tc := range []struct {
+		name    string
+		err     error // the writer's
+		wantErr error // WriteTo's
+	}{
+		{"error", errFull, errFull},
+		{"short write", nil, io.ErrShortWrite},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newTestLoop(t)
+			c, s, srv := stPair(t, l, stPairOpts{})
+			const size, limit = 300 << 10, 100<<10 + 123
+			if _, err := c.Write(makePatternAt(0, size)); err != nil {
+				t.Fatal(err)
+			}
+			eventuallyWithin(t, stTimeout, "the input to arrive", func() bool { return s.Buffered() == size })
+			w := stSink{limit: limit, err: tc.err}
+			n, err := s.WriteTo(&w)
+			if n != limit || !errors.Is(err, tc.wantErr) {
+				t.Fatalf("WriteTo = %d, %v; want %d, %v", n, err, limit, tc.wantErr)
+			}
+			if !isPatternAt(0, w.got) {
+				t.Fatalf("the writer got bytes that differ from the input at byte %d", firstDiff(w.got, makePatternAt(0, limit)))
+			}
+			if got := s.Buffered(); got != size-limit {
+				t.Fatalf("Buffered() after the failed WriteTo = %d, want %d", got, size-limit)
+			}
+			rest := make([]byte, size-limit)
+			if _, err := io.ReadFull(s, rest); err != nil {
+				t.Fatal(err)
+			}
+			if !isPatternAt(limit, rest) {
+				t.Fatalf("the rest differs from the input at byte %d", limit+firstDiff(rest, makePatternAt(limit, size-limit)))
+			}
+			c.Close()
+			s.Close()
+			srv.Close()
+			waitLoopNil(t, l, stTimeout)
+		})
+	}
+}
+
+// TestStreamWriteToStreamKeepsWhatItCouldNotWrite copies a stream into
+// another whose write deadline passes while its output is full: WriteTo
+// returns what the destination queued and the timeout, the destination's
+// peer gets exactly those bytes, and the source's input goes on from the
+// first byte not written. The counters agree.
+func TestStreamWriteToStreamKeepsWhatItCouldNotWrite(t *testing.T) {
+	l := newTestLoop(t)
+	src, peer, srv := stPair(t, l, stPairOpts{})
+	ln, port := listenRaw(t)
+	dst, err := l.ConnectStream("127.0.0.1", port, nil, func(error) {},
+		asynctcp.MaxBuffered(64<<10), asynctcp.SendBuffer(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := acceptRaw(t, ln) // not read until WriteTo has ended
+
+	const size = 8 << 20
+	sent := make(chan error, 1)
+	go func() {
+		_, err := peer.Write(makePatternAt(0, size))
+		sent <- err
+	}()
+	// The sink's buffers hold far less than 8 MiB: WriteTo fills them,
+	// then waits in dst.Write until the deadline.
+	dst.SetWriteDeadline(time.Now().Add(time.Second))
+	res := waitForWithin(t, stGoWriteTo(src, dst), stTimeout, "WriteTo to end at dst's write deadline")
+	stWantTimeout(t, res.err, "WriteTo into a full stream past its write deadline")
+	if res.n <= 0 || res.n >= size {
+		t.Fatalf("WriteTo wrote %d of %d bytes, want some", res.n, size)
+	}
+	written := int(res.n)
+
+	dst.SetWriteDeadline(time.Time{})
+	if err := dst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sinkRead := readAllAsync(sink)
+	rest := make([]byte, size-written)
+	src.SetReadDeadline(time.Now().Add(stTimeout))
+	if _, err := io.ReadFull(src, rest); err != nil {
+		t.Fatalf("reading the rest of src: %v", err)
+	}
+	if !isPatternAt(written, rest) {
+		t.Fatalf("src's input after WriteTo differs at byte %d", written+firstDiff(rest, makePatternAt(written, size-written)))
+	}
+	got := waitForWithin(t, sinkRead, stTimeout, "dst's peer to read to EOF")
+	if got.err != nil || len(got.data) != written || !isPatternAt(0, got.data) {
+		t.Fatalf("dst's peer read %d bytes (%v), want the first %d of the input", len(got.data), got.err, written)
+	}
+	if err := waitForWithin(t, sent, stTimeout, "the writer of the input"); err != nil {
+		t.Fatal(err)
+	}
+	waitForWithin(t, dst.Socket().Done(), stTimeout, "dst to end")
+	if n := dst.Socket().BytesWritten(); n != res.n {
+		t.Errorf("dst BytesWritten() = %d, want %d", n, res.n)
+	}
+	if n := src.Socket().BytesRead(); n != size {
+		t.Errorf("src BytesRead() = %d, want %d", n, size)
+	}
+	peer.Close()
+	src.Close()
+	srv.Close()
+	waitLoopNil(t, l, stTimeout)
+}
+
+// TestStreamClearInputDropsPooledChunksOnly fills a stream's input with
+// large reads (which keep their pooled buffers) and a partly read front
+// chunk, and drops it with ClearInput, round after round, while other
+// connections churn the pool of read buffers: what arrives after each
+// ClearInput reads back byte for byte, so no buffer went back to the pool
+// while the input still held it.
+func TestStreamClearInputDropsPooledChunksOnly(t *testing.T) {
+	upstream := stEchoServer(t)
+	var relays sync.WaitGroup
+	t.Cleanup(relays.Wait)
+	l := newTestLoop(t)
+	c, s, srv := stPair(t, l, stPairOpts{})
+
+	// The churn: two connections through a stream proxy while the rounds run.
+	proxy, port, _ := stProxy(t, l, upstream, stByRead, &relays)
+	stop := make(chan struct{})
+	churned := make(chan error, 2)
+	for i := range 2 {
+		conn := dialRaw(t, port)
+		conn.SetDeadline(time.Now().Add(2 * stTimeout))
+		go func() {
+			defer conn.Close()
+			for k := 0; ; k++ {
+				select {
+				case <-stop:
+					churned <- nil
+					return
+				default:
+				}
+				if err := stEchoThrough(conn, i*91+k, 256<<10, int64(k)); err != nil {
+					churned <- err
+					return
+				}
+			}
+		}()
+	}
+
+	const round = 256 << 10
+	off := 0
+	for r := range 6 {
+		if _, err := c.Write(makePatternAt(off, round)); err != nil {
+			t.Fatal(err)
+		}
+		eventuallyWithin(t, stTimeout, "a round's input to arrive", func() bool { return s.Buffered() == round })
+		head := make([]byte, 1000+r)
+		if _, err := io.ReadFull(s, head); err != nil {
+			t.Fatal(err)
+		}
+		if !isPatternAt(off, head) {
+			t.Fatalf("round %d: the head of the input differs at byte %d", r, off+firstDiff(head, makePatternAt(off, len(head))))
+		}
+		s.ClearInput()
+		if n := s.Buffered(); n != 0 {
+			t.Fatalf("round %d: Buffered() after ClearInput = %d, want 0", r, n)
+		}
+		off += round
+	}
+	const last = 1 << 20
+	if _, err := c.Write(makePatternAt(off, last)); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, last)
+	s.SetReadDeadline(time.Now().Add(stTimeout))
+	if _, err := io.ReadFull(s, got); err != nil {
+		t.Fatal(err)
+	}
+	if !isPatternAt(off, got) {
+		t.Fatalf("input after the ClearInputs differs at byte %d", off+firstDiff(got, makePatternAt(off, last)))
+	}
+	close(stop)
+	for range 2 {
+		if err := waitForWithin(t, churned, 2*stTimeout, "a churning connection"); err != nil {
+			t.Fatalf("churn: %v", err)
+		}
+	}
+	c.Close()
+	s.Close()
+	srv.Close()
+	proxy.Close()
+	waitLoopNil(t, l, stTimeout)
+}
+
+// TestStreamWriteToStreamWaitsForItsOutput copies a stream into another
+// whose peer does not read: WriteTo waits for the destination's output to
+// be written instead of queueing on it, so the destination holds at most
+// one read's worth (32 KiB) and the rest waits in the source's input, up
+// to its limit. Once the peer reads, every byte arrives in order.
+func TestStreamWriteToStreamWaitsForItsOutput(t *testing.T) {
+	l := newTestLoop(t)
+	const limit = 256 << 10
+	peer, src, srv := stPair(t, l, stPairOpts{server: []asynctcp.Option{asynctcp.InputLimit(limit)}})
+	ln, port := listenRaw(t)
+	dst, err := l.ConnectStream("127.0.0.1", port, nil, func(error) {}, asynctcp.SendBuffer(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := acceptRaw(t, ln) // not read until the source is full
+
+	const size = 16 << 20
+	sent := make(chan error, 1)
+	go func() {
+		_, err := peer.Write(makePatternAt(0, size))
+		sent <- err
+	}()
+	copied := stGoWriteTo(src, dst)
+	eventuallyWithin(t, stTimeout, "the source's input to fill to its limit", func() bool { return src.Buffered() == limit })
+	if n := dst.Socket().Buffered(); n > 32<<10 {
+		t.Fatalf("the destination queued %d bytes, want at most 32 KiB", n)
+	}
+
+	sinkRead := readAllAsync(sink)
+	if err := waitForWithin(t, sent, stTimeout, "the writer of the input"); err != nil {
+		t.Fatal(err)
+	}
+	if err := peer.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res := waitForWithin(t, copied, stTimeout, "WriteTo to end at EOF")
+	if res.n != size || res.err != nil {
+		t.Fatalf("WriteTo = %d, %v; want %d, nil", res.n, res.err, size)
+	}
+	if err := dst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got := waitForWithin(t, sinkRead, stTimeout, "dst's peer to read to EOF")
+	if got.err != nil || len(got.data) != size || !isPatternAt(0, got.data) {
+		t.Fatalf("dst's peer read %d bytes (%v), want all %d in order", len(got.data), got.err, size)
+	}
 	srv.Close()
 	waitLoopNil(t, l, stTimeout)
 }
