@@ -181,7 +181,7 @@ func (s *Socket) beforeRead(worked bool) (int, uint64, grant, bool) {
 		if s.streaming {
 			want = min(want, s.inLimit-s.in.len())
 		}
-		n, g, wait := take(s.tuning.readLimits(), want, time.Now())
+		n, g, wait := take(s.tuning.readLimits(), want)
 		if wait == 0 {
 			s.armReaderLocked(worked)
 			return n, s.rgen, g, true

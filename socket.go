@@ -261,10 +261,10 @@ type Socket struct {
 	inEnd    error         // what reads return once the input is drained: io.EOF or the event
 	inWait   chan struct{} // see "Waits"
 	rtimeout time.Duration
-	rgen     uint64 // bumped where the read timeout is lifted under the reader
-	hopAt    int64  // when the idle hop's deadline passes, in Unix nanoseconds
-	lastArm  int64  // when the reader last armed a read after work, in Unix nanoseconds
-	gap      int64  // the socket's usual time between reads, in nanoseconds (hopWaitLocked)
+	rgen     uint64        // bumped where the read timeout is lifted under the reader
+	hopAt    time.Duration // when the idle hop's deadline passes (monotime)
+	lastArm  time.Duration // when the reader last armed a read after work (monotime)
+	gap      time.Duration // the socket's usual time between reads (hopWaitLocked)
 	notice   notice
 	rdl      readDeadline // what the conn's read deadline is for
 	parked   bool         // no reader: the descriptor waits in the loop's parking set

@@ -123,30 +123,37 @@ func (s *Socket) armReaderLocked(worked bool) {
 	case worked:
 		// Moving the deadline costs more than reading the clock: move it
 		// only once half of the wait has passed, or where the wait shrank.
-		now := time.Now()
-		wait := s.hopWaitLocked(now.UnixNano())
-		if left := time.Duration(s.hopAt - now.UnixNano()); s.rdl != rdlHop || left < wait/2 || left > 2*wait {
-			at := now.Add(wait)
-			s.hopAt = at.UnixNano()
-			s.setReadDeadlineLocked(rdlHop, at)
+		now := monotime()
+		wait := s.hopWaitLocked(now)
+		if left := s.hopAt - now; s.rdl != rdlHop || left < wait/2 || left > 2*wait {
+			s.hopAt = now + wait
+			s.setReadDeadlineLocked(rdlHop, clockEpoch.Add(s.hopAt))
 		}
 	case s.rdl != rdlNone:
 		s.setReadDeadlineLocked(rdlNone, time.Time{})
 	}
 }
 
-// hopWaitLocked returns how long the reader waits for input before a fresh
-// reader takes its place: four times the socket's usual gap between reads,
-// within [minHop, idleHop]. The usual gap follows a longer gap at once and
-// a shorter one by a quarter per read, so one early input does not make a
-// steady socket hop. now is in Unix nanoseconds. mu is held.
-func (s *Socket) hopWaitLocked(now int64) time.Duration {
+// hopWaitLocked returns how long the reader waits for input before it
+// parks the socket or a fresh reader takes its place: four times the
+// socket's usual gap between reads, within [minHop, idleHop]. The usual
+// gap follows a longer gap at once and a shorter one by a quarter per
+// read, so one early input does not make a steady socket hop. now is
+// monotime's. mu is held.
+func (s *Socket) hopWaitLocked(now time.Duration) time.Duration {
 	if s.lastArm != 0 {
 		s.gap = max(now-s.lastArm, s.gap-s.gap/4)
 	}
 	s.lastArm = now
-	return min(max(4*time.Duration(s.gap), minHop), idleHop)
+	return min(max(4*s.gap, minHop), idleHop)
 }
+
+// clockEpoch is where monotime counts from.
+var clockEpoch = time.Now()
+
+// monotime reads the monotonic clock alone, which costs half of
+// time.Now: the reader reads it before every read.
+func monotime() time.Duration { return time.Since(clockEpoch) }
 
 // wakeReaderLocked makes a blocked read return, so that the reader sees
 // that the socket no longer reads. mu is held.

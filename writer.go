@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"time"
 )
 
 // The writer: output queues in s.out; a writer goroutine, started on
@@ -261,7 +260,7 @@ func (s *Socket) nextWrite() (bufs [][]byte, g grant, clock uint64, shut, ok boo
 			if s.raw == nil {
 				batch = smallBatch
 			}
-			n, g, wait := take(s.tuning.writeLimits(), min(s.outLen, batch), time.Now())
+			n, g, wait := take(s.tuning.writeLimits(), min(s.outLen, batch))
 			if wait > 0 {
 				s.sleepLocked(wait)
 				continue
