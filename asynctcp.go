@@ -70,6 +70,19 @@
 // sockets' callbacks may run at once unless the loop is Serial. There is no
 // event loop to start: Connect and Listen work at once, and Loop.Wait plays
 // the part of with-event-loop.
+//
+// # What a socket costs
+//
+// A socket that is reading has a reader goroutine, which also runs its
+// callbacks, and a writer goroutine only while output is queued that the
+// kernel did not take at once. An idle socket over a TCP or Unix
+// connection on Linux has no goroutine at all: after a few idle
+// milliseconds (four times its usual gap between inputs, at most 250 ms)
+// its descriptor waits in an epoll set of its loop, which one goroutine
+// per loop watches, and a fresh reader starts when bytes, the peer's EOF
+// or an error arrive. Such a socket costs about 1.3 KiB of memory. Other
+// idle sockets (TLS, other systems) keep a reader waiting on a fresh 2 KiB
+// stack.
 package asynctcp
 
 import (
