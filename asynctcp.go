@@ -77,7 +77,7 @@
 // callbacks, and a writer goroutine only while output is queued that the
 // kernel did not take at once. An idle socket over a TCP or Unix
 // connection on Linux has no goroutine at all: after a few idle
-// milliseconds (four times its usual gap between inputs, at most 250 ms)
+// milliseconds (four times its usual gap between inputs, at most 1 s)
 // its descriptor waits in an epoll set of its loop, which one goroutine
 // per loop watches, and a fresh reader starts when bytes, the peer's EOF
 // or an error arrive. Such a socket costs about 1.3 KiB of memory. Other
