@@ -16,7 +16,8 @@
 // port on 127.0.0.1 that was free a moment ago.
 //
 // With -pid, pingpong and bulk also report the CPU used over the window by
-// the client and the server, in percent of one core.
+// the client, by the server and by the rest of the machine, in percent of
+// one core.
 package main
 
 import (
@@ -125,10 +126,10 @@ func closeAll(conns []net.Conn) {
 
 // run lets the workers warm up, then opens the measured window for o.dur:
 // measuring is true during it and stop is set after it. It returns the
-// window's length and the CPU use over it.
+// window's length and the CPU use over it as "key=value ..." fields.
 func run(o opts, measuring, stop *atomic.Bool, atStart, atEnd func()) (time.Duration, string) {
 	time.Sleep(o.warmup)
-	c0, s0 := cpuTicks("self"), serverTicks(o.pid)
+	c0 := sampleCPU(o.pid)
 	t0 := time.Now()
 	atStart()
 	measuring.Store(true)
@@ -137,14 +138,7 @@ func run(o opts, measuring, stop *atomic.Bool, atStart, atEnd func()) (time.Dura
 	atEnd()
 	stop.Store(true)
 	d := time.Since(t0)
-	c1, s1 := cpuTicks("self"), serverTicks(o.pid)
-	pct := func(a, b int64) float64 {
-		if a < 0 || b < 0 {
-			return -1
-		}
-		return float64(b-a) / 100 / d.Seconds() * 100 // USER_HZ is 100
-	}
-	return d, fmt.Sprintf("client_cpu=%.0f server_cpu=%.0f", pct(c0, c1), pct(s0, s1))
+	return d, sampleCPU(o.pid).since(c0, d).fields()
 }
 
 func pingpong(o opts) error {
@@ -403,36 +397,4 @@ func vmRSS(pid int) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
-}
-
-func serverTicks(pid int) int64 {
-	if pid <= 0 {
-		return -1
-	}
-	return cpuTicks(strconv.Itoa(pid))
-}
-
-// cpuTicks is the user+system time of process pid ("self": this one) in
-// clock ticks, or -1 when unknown.
-func cpuTicks(pid string) int64 {
-	b, err := os.ReadFile("/proc/" + pid + "/stat")
-	if err != nil {
-		return -1
-	}
-	// utime and stime are fields 14 and 15; the command name (field 2)
-	// may hold spaces, so count from its closing parenthesis.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return -1
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return -1
-	}
-	u, err1 := strconv.ParseInt(f[11], 10, 64)
-	s, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return -1
-	}
-	return u + s
 }
