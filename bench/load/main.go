@@ -17,7 +17,7 @@
 //
 // With -pid, pingpong and bulk also report the CPU used over the window by
 // the client, by the server and by the rest of the machine, in percent of
-// one core.
+// one core. pingpong and bulk raise RLIMIT_NOFILE when -conns needs it.
 package main
 
 import (
@@ -103,7 +103,12 @@ func fatal(err error) {
 	os.Exit(1)
 }
 
+// dial opens n connections one after another, first raising
+// RLIMIT_NOFILE if n of them would not fit.
 func dial(o opts, n int) ([]net.Conn, error) {
+	if err := raiseNoFile(uint64(n) + 100); err != nil {
+		return nil, err
+	}
 	conns := make([]net.Conn, 0, n)
 	for range n {
 		c, err := net.DialTimeout("tcp", o.addr, 5*time.Second)
