@@ -32,7 +32,7 @@ const readBufSize = 32 << 10
 // parked their sockets and waking them up stretched the tail (p99 198 ms
 // against 143 ms with 1 s, bench/ pp10k, 2 runs each).
 const (
-	minHop  = 2 * time.Millisecond
+	minHop  = 10 * time.Millisecond
 	idleHop = time.Second
 )
 
