@@ -35,24 +35,43 @@ func echo(c *net.TCPConn) {
 		return
 	}
 	done := false
+	var rest []byte // what the kernel did not take at once
 	step := func(fd uintptr) bool {
-		var b [512]byte
+		var b [512]byte // on the stack: nothing held while waiting
 		n, err := syscall.Read(int(fd), b[:])
 		switch {
 		case err == syscall.EAGAIN:
-			return false // wait for readiness, holding nothing
+			return false // wait for readiness
 		case err != nil || n == 0:
 			done = true
 			return true
 		}
-		if _, err := c.Write(b[:n]); err != nil { // waits for room as net does
-			done = true
+		// Written here, so that the goroutine's stack stays at its first
+		// 2 KiB: a deeper call (net's Write) would grow it for good.
+		p := b[:n]
+		for len(p) > 0 {
+			m, err := syscall.Write(int(fd), p)
+			if err != nil {
+				if err == syscall.EAGAIN {
+					rest = append(rest[:0], p...)
+				} else {
+					done = true
+				}
+				break
+			}
+			p = p[m:]
 		}
 		return true
 	}
 	for !done {
 		if rc.Read(step) != nil {
 			return
+		}
+		if len(rest) > 0 {
+			if _, err := c.Write(rest); err != nil { // waits for room
+				return
+			}
+			rest = rest[:0]
 		}
 	}
 }
