@@ -4,8 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -172,5 +175,104 @@ func TestParkedSocketsAnswerEveryControl(t *testing.T) {
 	waitLoop(t, l, waitTimeout)
 	for _, c := range clients {
 		c.Close()
+	}
+}
+
+// A storm over parking sockets: clients send bursts with pauses longer
+// than the idle wait, so that their sockets park and wake up again and
+// again, while another
+// goroutine sets and lifts read timeouts, disables and enables reading,
+// and finally closes or aborts them, Serial and not. Every echo that
+// comes back is exact, every close-cb runs once, and the loop and its
+// parker end.
+func TestParkingStorm(t *testing.T) {
+	for _, serial := range []bool{false, true} {
+		t.Run(fmt.Sprintf("serial %v", serial), func(t *testing.T) {
+			const n = 40
+			l := newTestLoop(t)
+			l.Serial = serial
+			var closes sync.Map // *Socket -> *atomic.Int32
+			onClose := asynctcp.OnClose(func(s *asynctcp.Socket, _ error) {
+				c, _ := closes.LoadOrStore(s, new(atomic.Int32))
+				c.(*atomic.Int32).Add(1)
+			})
+			srv, clients, socks := pkIdleConns(t, l, n, func(error) {}, onClose)
+			var wg sync.WaitGroup
+			stop := make(chan struct{})
+			for i, c := range clients {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					rng := rand.New(rand.NewSource(int64(i)))
+					buf := make([]byte, 64)
+					for k := 0; ; k++ {
+						// Bursts of ten messages, then a pause longer than the
+						// idle wait they leave (10 ms): the socket parks.
+						pause := time.Duration(0)
+						if k%10 == 9 {
+							pause = time.Duration(15+rng.Intn(25)) * time.Millisecond
+						}
+						select {
+						case <-stop:
+							return
+						case <-time.After(pause):
+						}
+						msg := []byte(fmt.Sprintf("%d:%d", i, k))
+						c.SetDeadline(time.Now().Add(waitTimeout))
+						if _, err := c.Write(msg); err != nil {
+							return // closed by the storm
+						}
+						got := buf[:len(msg)]
+						if _, err := io.ReadFull(c, got); err != nil {
+							return // closed by the storm, or a read timeout
+						}
+						if string(got) != string(msg) {
+							t.Errorf("conn %d: echo %q, want %q", i, got, msg)
+							return
+						}
+					}
+				}()
+			}
+			rng := rand.New(rand.NewSource(1))
+			deadline := time.Now().Add(600 * time.Millisecond)
+			for time.Now().Before(deadline) {
+				s := socks[rng.Intn(n)]
+				switch rng.Intn(4) {
+				case 0:
+					s.SetTimeouts(time.Duration(rng.Intn(3))*40*time.Millisecond, 0)
+				case 1:
+					s.SetTimeouts(0, 0)
+				case 2:
+					s.Disable(asynctcp.EvRead)
+				case 3:
+					s.Enable(asynctcp.EvRead)
+				}
+				time.Sleep(time.Millisecond) // a pace for the storm, not a wait for an event
+			}
+			for i, s := range socks {
+				if i%2 == 0 {
+					s.Close()
+				} else {
+					s.Abort()
+				}
+			}
+			close(stop)
+			for _, c := range clients {
+				c.Close()
+			}
+			wg.Wait()
+			srv.Close()
+			waitLoop(t, l, waitTimeout)
+			for i, s := range socks {
+				c, ok := closes.Load(s)
+				if !ok || c.(*atomic.Int32).Load() != 1 {
+					got := int32(0)
+					if ok {
+						got = c.(*atomic.Int32).Load()
+					}
+					t.Errorf("socket %d: close-cb ran %d times, want once", i, got)
+				}
+			}
+		})
 	}
 }
