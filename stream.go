@@ -44,15 +44,29 @@ func (st *Stream) Read(p []byte) (int, error) {
 	if st == nil || st.s == nil {
 		return 0, nilSocket("Stream.Read")
 	}
-	s := st.s
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for {
-		if st.rdl.passed() && len(p) > 0 { // even with input buffered, as net.Conn
-			return 0, os.ErrDeadlineExceeded
+	st.s.mu.Lock()
+	defer st.s.mu.Unlock()
+	if len(p) > 0 {
+		if err := st.awaitInputLocked(); err != nil {
+			return 0, err
 		}
-		if n, err, done := st.takeLocked(p); done {
-			return n, err
+	}
+	n, err, _ := st.takeLocked(p)
+	return n, err
+}
+
+// awaitInputLocked waits until input is buffered, and returns nil then, or
+// what a read returns instead: the end of the input, the socket's close,
+// or a timeout at the read deadline, which counts even with input
+// buffered, as net.Conn's does. s.mu is held.
+func (st *Stream) awaitInputLocked() error {
+	s := st.s
+	for {
+		if st.rdl.passed() {
+			return os.ErrDeadlineExceeded
+		}
+		if ready, err := s.inputLocked(); ready || err != nil {
+			return err
 		}
 		s.awaitLocked(&s.inWait, &st.rdl)
 	}
@@ -350,21 +364,12 @@ func (st *Stream) nextChunk() (chunk, error) {
 	s := st.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for {
-		if st.rdl.passed() {
-			return chunk{}, os.ErrDeadlineExceeded
-		}
-		ready, err := s.inputLocked()
-		if err != nil {
-			return chunk{}, err
-		}
-		if ready {
-			c := s.in.popFront()
-			s.cond.Broadcast() // the reader may go on where the buffer was full
-			return c, nil
-		}
-		s.awaitLocked(&s.inWait, &st.rdl)
+	if err := st.awaitInputLocked(); err != nil {
+		return chunk{}, err
 	}
+	c := s.in.popFront()
+	s.cond.Broadcast() // the reader may go on where the buffer was full
+	return c, nil
 }
 
 // putBack returns a chunk that WriteTo took, after n of its bytes were
