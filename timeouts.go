@@ -81,9 +81,11 @@ func (s *Socket) timeoutsChangedLocked(ev Events) {
 	}
 	if ev&EvRead != 0 {
 		switch {
-		case s.enabled&EvRead != 0 && s.rtimeout > 0 && s.unparkLocked():
-			s.grp.Go(s.hop) // a reader to run the read timeout; it arms it
 		case s.enabled&EvRead != 0 && s.rtimeout > 0:
+			if s.unparkLocked() {
+				s.grp.Go(s.hop) // a reader to run the read timeout; it arms it
+				break
+			}
 			s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
 		case s.rdl == rdlTimeout:
 			s.rgen++
