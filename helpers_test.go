@@ -14,6 +14,7 @@ import (
 	"errors"
 	"io"
 	"math/big"
+	mrand "math/rand"
 	"net"
 	"strconv"
 	"sync"
@@ -518,4 +519,24 @@ func tlsConfigs(t *testing.T) (server, client *tls.Config) {
 // echoBack is a read-cb that writes every byte back to the sender.
 func echoBack(s *asynctcp.Socket, data []byte) {
 	s.WriteData(data)
+}
+
+// sendInRandomChunks writes data to c on a goroutine of its own, in
+// chunks of 1 byte to 100 KiB chosen by seed, and sends the first write
+// error, or nil once all is written.
+func sendInRandomChunks(c net.Conn, data []byte, seed int64) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		rng := mrand.New(mrand.NewSource(seed))
+		for len(data) > 0 {
+			n := min(len(data), 1+rng.Intn(100<<10))
+			if _, err := c.Write(data[:n]); err != nil {
+				done <- err
+				return
+			}
+			data = data[n:]
+		}
+		done <- nil
+	}()
+	return done
 }

@@ -55,25 +55,6 @@ func ppProxy(t *testing.T, l *asynctcp.Loop, upstream int, streamA, streamB bool
 	return srv, portOf(t, srv.Addr()), ch
 }
 
-// ppSendRandom writes data to c in random chunks.
-func ppSendRandom(c *net.TCPConn, data []byte, seed int64) <-chan error {
-	done := make(chan error, 1)
-	go func() {
-		rng := rand.New(rand.NewSource(seed))
-		c.SetWriteDeadline(time.Now().Add(waitTimeout))
-		for len(data) > 0 {
-			n := min(len(data), 1+rng.Intn(100<<10))
-			if _, err := c.Write(data[:n]); err != nil {
-				done <- err
-				return
-			}
-			data = data[n:]
-		}
-		done <- nil
-	}()
-	return done
-}
-
 // Every byte goes through a piped pair, both ways at once, in order, in
 // random chunks, whatever the read modes of the two sockets; when the
 // client closes, the upstream sees EOF.
@@ -91,8 +72,10 @@ func TestPipeRelaysEveryByteBothWays(t *testing.T) {
 			fromClient, fromServer := make([]byte, size), make([]byte, size)
 			rng.Read(fromClient)
 			rng.Read(fromServer)
-			sentC := ppSendRandom(client, fromClient, 1)
-			sentS := ppSendRandom(server, fromServer, 2)
+			client.SetWriteDeadline(time.Now().Add(waitTimeout))
+			server.SetWriteDeadline(time.Now().Add(waitTimeout))
+			sentC := sendInRandomChunks(client, fromClient, 1)
+			sentS := sendInRandomChunks(server, fromServer, 2)
 			gotS := ftReadAsync(server, size, waitTimeout)
 			gotC := ftReadAsync(client, size, waitTimeout)
 			for _, x := range []struct {

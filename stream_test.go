@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand"
 	"net"
 	"os"
 	"slices"
@@ -1534,20 +1533,7 @@ func stProxy(t *testing.T, l *asynctcp.Loop, upstream, by int, relays *sync.Wait
 // through the connection c to an echo server, in random chunks of 1 byte
 // to 100 KiB, reads the echo and checks it byte for byte.
 func stEchoThrough(c net.Conn, off, size int, seed int64) error {
-	sent := make(chan error, 1)
-	go func() {
-		rng := rand.New(rand.NewSource(seed))
-		data := makePatternAt(off, size)
-		for len(data) > 0 {
-			n := min(len(data), 1+rng.Intn(100<<10))
-			if _, err := c.Write(data[:n]); err != nil {
-				sent <- err
-				return
-			}
-			data = data[n:]
-		}
-		sent <- nil
-	}()
+	sent := sendInRandomChunks(c, makePatternAt(off, size), seed)
 	got := make([]byte, size)
 	_, rerr := io.ReadFull(c, got)
 	if err := <-sent; err != nil {
