@@ -66,7 +66,14 @@ type bnListen func() (*bnServer, error)
 // baseline of ../shared/bench/servers/net): a goroutine per connection,
 // each reading into its own 32 KiB buffer and writing back what it read.
 // It tracks its connections only so that stop can end them.
-func bnListenNet() (*bnServer, error) {
+func bnListenNet() (*bnServer, error) { return bnListenNetWith(false) }
+
+// bnListenNetFresh is the net echo server handing each read on in a fresh
+// slice, as asynctcp's read-cb gets it by default: the same echo with the
+// allocation and the collection it drives, and nothing else of asynctcp.
+func bnListenNetFresh() (*bnServer, error) { return bnListenNetWith(true) }
+
+func bnListenNetWith(fresh bool) (*bnServer, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
@@ -89,7 +96,11 @@ func bnListenNet() (*bnServer, error) {
 		for {
 			n, err := c.Read(buf)
 			if n > 0 {
-				if _, werr := c.Write(buf[:n]); werr != nil {
+				out := buf[:n]
+				if fresh {
+					out = append([]byte(nil), out...)
+				}
+				if _, werr := c.Write(out); werr != nil {
 					return
 				}
 			}
@@ -222,12 +233,21 @@ func bnCompare(b *testing.B, measure func(b *testing.B, listen bnListen) float64
 }
 
 // bnCompareReuse is bnCompare with a third run, asynctcp with
-// ReuseReadBuffer.
-func bnCompareReuse(b *testing.B, measure func(b *testing.B, listen bnListen) float64) {
+// ReuseReadBuffer, and a run for each of more after it.
+func bnCompareReuse(b *testing.B, measure func(b *testing.B, listen bnListen) float64, more ...bnVariant) {
 	var p bnPair
 	b.Run("net", func(b *testing.B) { p.net(b, measure(b, bnListenNet)) })
 	b.Run("asynctcp", func(b *testing.B) { p.async(b, "asynctcp", measure(b, bnListenAsync)) })
 	b.Run("asynctcp-reuse", func(b *testing.B) { p.async(b, "reuse", measure(b, bnListenAsyncReuse)) })
+	for _, v := range more {
+		b.Run(v.name, func(b *testing.B) { p.async(b, v.name, measure(b, v.listen)) })
+	}
+}
+
+// bnVariant is a further server for bnCompareReuse, with a ratio to net.
+type bnVariant struct {
+	name   string
+	listen bnListen
 }
 
 // bnServe starts a server for the rest of b's run.
@@ -411,10 +431,13 @@ func BenchmarkPingPong50Conns512B(b *testing.B) {
 // BenchmarkBulkEcho10Conns64KiB: per connection one goroutine writes
 // 64 KiB chunks without pause while another reads the echo; b.N chunks in
 // all, shared out evenly. MB/s counts echoed bytes; allocs/msg is per chunk.
+// A fourth run, net-fresh, is the net server copying each read into a
+// fresh slice before it writes it back: what the default mode's fresh
+// slices cost any Go server, with a ratio to net of its own.
 func BenchmarkBulkEcho10Conns64KiB(b *testing.B) {
 	bnCompareReuse(b, func(b *testing.B, listen bnListen) float64 {
 		return bnBulk(b, listen, 10, 64<<10)
-	})
+	}, bnVariant{"net-fresh", bnListenNetFresh})
 }
 
 func bnBulk(b *testing.B, listen bnListen, conns, chunk int) float64 {
