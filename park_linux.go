@@ -20,8 +20,10 @@ import (
 // A socket is parked exactly while s.parked is set, and then it is in
 // socks under its descriptor; both change under s.mu, socks under p.mu
 // too (Socket.mu before parking.mu). Whatever would wake a reader blocked
-// in a read (a close, a read timeout to run) takes a parked socket out
-// instead (unparkLocked), and starts a reader where one is needed.
+// in a read (a close, Exit) takes a parked socket out instead
+// (unparkLocked). A read timeout that runs waits on the socket's read
+// timer, which takes it out and starts a reader once the timeout passes
+// (readTimerFired).
 type parking struct {
 	mu      sync.Mutex
 	socks   map[int]*Socket // the parked sockets, by descriptor

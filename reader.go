@@ -60,8 +60,9 @@ func (s *Socket) hop() error { return s.reads(false) }
 // reads is the reader's loop; worked tells whether this goroutine has run
 // callbacks yet.
 func (s *Socket) reads(worked bool) error {
+	input := false // the last read brought bytes: the read timeout starts afresh
 	for {
-		room, gen, grant, ok := s.beforeRead(worked)
+		room, gen, grant, ok := s.beforeRead(worked, input)
 		if !ok {
 			return nil
 		}
@@ -74,6 +75,7 @@ func (s *Socket) reads(worked bool) error {
 			buf, n, err = readConn(s.conn, room)
 		}
 		grant.settle(n)
+		input = n > 0
 		if n > 0 {
 			s.bytesRead.Add(int64(n))
 			worked = true
@@ -98,21 +100,55 @@ func (s *Socket) reads(worked bool) error {
 
 // park ends the reader of an idle socket with no successor: the socket's
 // descriptor waits in the loop's parking set, whose parker starts a fresh
-// reader once it is readable (park_linux.go). It reports false where the
-// socket cannot park (a conn with no descriptor, no parking on this
-// system, a read timeout to run, the socket closing): the caller hops
-// instead, or the fresh reader finds the socket closed.
+// reader once it is readable (park_linux.go), and a read timeout that runs
+// waits on the socket's read timer. It reports false where the socket
+// cannot park (a conn with no descriptor, no parking on this system, a
+// read timeout already passed, the socket closing): the caller hops
+// instead, and the fresh reader finds the timeout passed or the socket
+// closed.
 func (s *Socket) park() bool {
 	if s.raw == nil {
 		return false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.readOpenLocked() || s.rtimeout > 0 || s.loop.park.addLocked(s) != nil {
+	if !s.readOpenLocked() || (s.rclock != 0 && s.rclock <= monotime()) || s.loop.park.addLocked(s) != nil {
 		return false
 	}
 	s.parked = true
+	if s.rclock != 0 {
+		s.armReadTimerLocked()
+	}
 	return true
+}
+
+// armReadTimerLocked sets the read timer of a parked socket to when its
+// read timeout passes. mu is held.
+func (s *Socket) armReadTimerLocked() {
+	d := s.rclock - monotime()
+	if s.rtimer == nil {
+		s.rtimer = time.AfterFunc(d, s.readTimerFired)
+		return
+	}
+	s.rtimer.Reset(d)
+}
+
+// readTimerFired runs when the read timeout of a parked socket may have
+// passed: a fresh reader takes over, and its read fails at once with the
+// passed deadline (armReaderLocked), which is the timeout's event.
+func (s *Socket) readTimerFired() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.parked || s.rclock == 0 {
+		return // woken, closed, or the timeout lifted since
+	}
+	if left := s.rclock - monotime(); left > 0 {
+		s.rtimer.Reset(left) // fired early, or moved since
+		return
+	}
+	if s.unparkLocked() && s.readOpenLocked() {
+		s.grp.Go(s.hop)
+	}
 }
 
 // unparked is the parker's call for a parked socket whose descriptor
@@ -134,6 +170,9 @@ func (s *Socket) unparkLocked() bool {
 	}
 	s.parked = false
 	s.loop.park.removeLocked(s)
+	if s.rtimer != nil {
+		s.rtimer.Stop()
+	}
 	return true
 }
 
@@ -168,9 +207,10 @@ func (s *Socket) readBlockedLocked() bool {
 
 // beforeRead waits while the reader may not read (reading disabled, the
 // input buffer full, the read rate spent), then arms the read timeout and
-// takes the rate's tokens. It returns how much the next read may take, and
-// false once the socket no longer reads.
-func (s *Socket) beforeRead(worked bool) (int, uint64, grant, bool) {
+// takes the rate's tokens. input tells whether the last read brought
+// bytes. It returns how much the next read may take, and false once the
+// socket no longer reads.
+func (s *Socket) beforeRead(worked, input bool) (int, uint64, grant, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
@@ -186,7 +226,7 @@ func (s *Socket) beforeRead(worked bool) (int, uint64, grant, bool) {
 		}
 		n, g, wait := take(s.tuning.readLimits(), want)
 		if wait == 0 {
-			s.armReaderLocked(worked)
+			s.armReaderLocked(worked, input)
 			return n, s.rgen, g, true
 		}
 		s.sleepLocked(wait)
@@ -267,7 +307,7 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 	}
 	if deadlinePassed(err) {
 		switch {
-		case s.rdl == rdlHop && s.rtimeout == 0:
+		case s.rdl == rdlHop:
 			s.mu.Unlock()
 			return readHop
 		case s.rdl == rdlReset:

@@ -45,6 +45,9 @@ import (
 //     runs it: started by dispatch when it queues a job on an idle queue,
 //     it ends when the queue is empty. The queue is a slice guarded by
 //     qmu, not a channel: a goroutine runs it only while it has jobs.
+//   - Timers run their function on a goroutine of their own, which takes
+//     mu and ends: the write stall timer (timeouts.go) and a parked
+//     socket's read timer (readTimerFired), which starts a reader at most.
 //   - The finisher (dieLocked) closes the conn, waits for s.grp, runs the
 //     close-cb (OnClose, lifecycle.go) after every other callback, closes
 //     Done, and takes the socket out of its loop and server. It is not in
@@ -94,8 +97,9 @@ import (
 // shut too, the socket closes itself). While reading, the socket may be
 // parked: it has no reader, and its descriptor waits in the loop's
 // parking set. It leaves it when readable (the parker starts a reader),
-// when a read timeout is set (a reader starts to run it), or when it
-// closes (unparkLocked wherever a blocked reader would be woken).
+// when its read timeout passes (its timer, rtimer, starts a reader, whose
+// read fails at once with the timeout), or when it closes (unparkLocked
+// wherever a blocked reader would be woken).
 //
 // The write side: writeOpen ──► writeShutting (CloseWrite: writes are
 // refused, and the side is shut once flushed) ──► writeShut; and from
@@ -239,10 +243,10 @@ type Socket struct {
 	abortive bool               // the finisher closes the conn at once (no TLS close_notify)
 	exited   bool               // Loop.Exit closed it: no close-cb
 	touched  bool               // it ran a callback or was returned: it gets a close-cb
+	fin      bool               // the finisher is done: Done is closed
 	endErr   error              // the event that ended it, for the close-cb
 	closing  error              // why it started to close: the Context's cause
 	watch    *watchers          // Done and Context, made on first use
-	fin      bool               // the finisher is done: Done is closed
 	data     any
 
 	// Guarded by mu: the callbacks, and what Pipe sets with them.
@@ -261,6 +265,8 @@ type Socket struct {
 	inEnd    error         // what reads return once the input is drained: io.EOF or the event
 	inWait   chan struct{} // see "Waits"
 	rtimeout time.Duration
+	rclock   time.Duration // when the read timeout passes (monotime); 0: its clock does not run
+	rtimer   *time.Timer   // runs the read timeout of a parked socket (readTimerFired)
 	rgen     uint64        // bumped where the read timeout is lifted under the reader
 	hopAt    time.Duration // when the idle hop's deadline passes (monotime)
 	lastArm  time.Duration // when the reader last armed a read after work (monotime)

@@ -7,14 +7,19 @@ import (
 	"time"
 )
 
-// Timeouts. The read timeout is the conn's read deadline, set by the
-// reader before each read (armReaderLocked) and by SetTimeouts and Enable
-// under a blocked read. The read deadline serves three purposes, and rdl
-// says which one it serves now: the read timeout, the idle hop of a reader
-// (hopWaitLocked), or a deadline in the past that wakes the reader to stop (a
-// graceful close). Where the read timeout is lifted under a blocked read
-// (Disable, SetTimeouts), rgen is bumped, so that the reader tells a stale
-// timeout from a real one.
+// Timeouts. The read timeout's clock (rclock) runs while reading is
+// enabled: it starts when the reader arms a read after input, and when
+// SetTimeouts or Enable sets it; Disable and lifting the timeout stop it.
+// The reader waits for it through the conn's read deadline, set before
+// each read (armReaderLocked) and by SetTimeouts and Enable under a blocked
+// read; a parked socket waits for it on its read timer (readTimerFired),
+// which starts a reader whose read fails at once. The read deadline serves
+// three purposes, and rdl says which one it serves now: the read timeout,
+// the idle hop of a reader (hopWaitLocked) where that comes first, or a
+// deadline in the past that wakes the reader to stop (a graceful close).
+// Where the read timeout is lifted under a blocked read (Disable,
+// SetTimeouts), rgen is bumped, so that the reader tells a stale timeout
+// from a real one.
 //
 // The write timeout (the write clock) runs while output is queued and may
 // be written: writing is enabled, or the socket flushes or shuts its write
@@ -82,14 +87,18 @@ func (s *Socket) timeoutsChangedLocked(ev Events) {
 	if ev&EvRead != 0 {
 		switch {
 		case s.enabled&EvRead != 0 && s.rtimeout > 0:
-			if s.unparkLocked() {
-				s.grp.Go(s.hop) // a reader to run the read timeout; it arms it
+			s.rclock = monotime() + s.rtimeout
+			if s.parked {
+				s.armReadTimerLocked()
 				break
 			}
-			s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
-		case s.rdl == rdlTimeout:
-			s.rgen++
-			s.setReadDeadlineLocked(rdlNone, time.Time{})
+			s.setReadDeadlineLocked(rdlTimeout, clockEpoch.Add(s.rclock))
+		default:
+			s.rclock = 0 // a parked socket's timer finds it stopped
+			if s.rdl == rdlTimeout {
+				s.rgen++
+				s.setReadDeadlineLocked(rdlNone, time.Time{})
+			}
 		}
 	}
 	if ev&EvWrite != 0 {
@@ -113,13 +122,29 @@ func (s *Socket) connectTimeout() time.Duration {
 	return s.wtimeout
 }
 
-// armReaderLocked arms the reader's next read: the read timeout, or
-// without one the idle hop of a reader that has run callbacks (see
-// minHop); a fresh reader lifts a hop deadline it inherited. mu is held.
-func (s *Socket) armReaderLocked(worked bool) {
+// armReaderLocked arms the reader's next read, after input where input
+// is set. A read timeout's clock starts afresh after input, or where it
+// does not run, and otherwise runs on: a fresh reader inherits it. The
+// read waits until the timeout passes, or until the idle hop of a reader
+// that has run callbacks (see minHop) where that comes first; a fresh
+// reader lifts a hop deadline it inherited. mu is held.
+func (s *Socket) armReaderLocked(worked, input bool) {
+	if s.rtimeout > 0 {
+		now := monotime()
+		if input || s.rclock == 0 {
+			s.rclock = now + s.rtimeout
+		}
+		if worked {
+			if hop := now + s.hopWaitLocked(now); hop < s.rclock {
+				s.hopAt = hop
+				s.setReadDeadlineLocked(rdlHop, clockEpoch.Add(hop))
+				return
+			}
+		}
+		s.setReadDeadlineLocked(rdlTimeout, clockEpoch.Add(s.rclock))
+		return
+	}
 	switch {
-	case s.rtimeout > 0:
-		s.setReadDeadlineLocked(rdlTimeout, time.Now().Add(s.rtimeout))
 	case s.rdl == rdlUnknown:
 		s.setReadDeadlineLocked(rdlReset, time.Time{})
 	case worked:
