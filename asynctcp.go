@@ -81,7 +81,8 @@
 // its descriptor waits in an epoll set of its loop, which one goroutine
 // per loop watches, and a fresh reader starts when bytes, the peer's EOF
 // or an error arrive. A read timeout does not keep it from parking: its
-// rest waits on a timer. Such a socket costs about 1.3 KiB of memory,
+// rest waits on a timer. A socket whose reading is disabled has no reader
+// either, on every system: Enable starts one. Such a socket costs about 1.3 KiB of memory,
 // 1.5 KiB with a read timeout. Other idle sockets (TLS, other systems)
 // keep a reader waiting on a fresh 2 KiB stack.
 package asynctcp

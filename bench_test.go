@@ -153,8 +153,12 @@ func bnListenAsync() (*bnServer, error) { return bnListenAsyncWith() }
 func bnListenAsyncReuse() (*bnServer, error) { return bnListenAsyncWith(asynctcp.ReuseReadBuffer()) }
 
 func bnListenAsyncWith(opts ...asynctcp.Option) (*bnServer, error) {
-	l := &asynctcp.Loop{}
-	srv, err := l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, data []byte) { s.WriteData(data) }, nil, opts...)
+	return bnListenAsyncOn(&asynctcp.Loop{}, func(s *asynctcp.Socket, data []byte) { s.WriteData(data) }, opts...)
+}
+
+// bnListenAsyncOn is bnListenAsyncWith on l, with read as the read-cb.
+func bnListenAsyncOn(l *asynctcp.Loop, read asynctcp.ReadFunc, opts ...asynctcp.Option) (*bnServer, error) {
+	srv, err := l.Listen("127.0.0.1", 0, read, nil, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -561,6 +565,31 @@ func BenchmarkIdleMemory10000ConnsNoWait(b *testing.B) { bnIdleMemory(b, 0, bnLi
 // sets no deadline.
 func BenchmarkIdleMemory10000ConnsReadTimeout(b *testing.B) {
 	bnIdleMemory(b, bnIdleFor, func() (*bnServer, error) { return bnListenAsyncWith(asynctcp.ReadTimeout(time.Minute)) })
+}
+
+// BenchmarkIdleMemory10000ConnsDisabled is BenchmarkIdleMemory10000Conns
+// with reading disabled on every asynctcp socket once it has echoed, as a
+// server holding its clients back (a proxy whose other side is slow)
+// would: a socket whose reading is disabled has no reader until Enable.
+// The sockets, reading nothing, do not see their clients go: Loop.Exit
+// ends them.
+func BenchmarkIdleMemory10000ConnsDisabled(b *testing.B) {
+	bnIdleMemory(b, bnIdleFor, func() (*bnServer, error) {
+		l := &asynctcp.Loop{}
+		srv, err := bnListenAsyncOn(l, func(s *asynctcp.Socket, data []byte) {
+			s.WriteData(data)
+			s.Disable(asynctcp.EvRead)
+		})
+		if err != nil {
+			return nil, err
+		}
+		stop := srv.stop
+		srv.stop = func() error {
+			l.Exit(nil)
+			return stop()
+		}
+		return srv, nil
+	})
 }
 
 func bnIdleMemory(b *testing.B, idle time.Duration, async bnListen) {

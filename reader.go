@@ -115,7 +115,7 @@ func (s *Socket) park() bool {
 	if !s.readOpenLocked() || (s.rclock != 0 && s.rclock <= monotime()) || s.loop.park.addLocked(s) != nil {
 		return false
 	}
-	s.parked = true
+	s.reader = readerParked
 	if s.rclock != 0 {
 		s.armReadTimerLocked()
 	}
@@ -139,7 +139,7 @@ func (s *Socket) armReadTimerLocked() {
 func (s *Socket) readTimerFired() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.parked || s.rclock == 0 {
+	if s.reader != readerParked || s.rclock == 0 {
 		return // woken, closed, or the timeout lifted since
 	}
 	if left := s.rclock - monotime(); left > 0 {
@@ -147,6 +147,15 @@ func (s *Socket) readTimerFired() {
 		return
 	}
 	if s.unparkLocked() && s.readOpenLocked() {
+		s.grp.Go(s.hop)
+	}
+}
+
+// resumeLocked starts a reader for a paused socket whose reading was
+// enabled again. mu is held.
+func (s *Socket) resumeLocked() {
+	if s.reader == readerPaused && s.readOpenLocked() {
+		s.reader = readerRuns
 		s.grp.Go(s.hop)
 	}
 }
@@ -165,10 +174,10 @@ func (s *Socket) unparked() {
 // reports whether it was parked: the caller starts a reader where one is
 // needed. mu is held.
 func (s *Socket) unparkLocked() bool {
-	if !s.parked {
+	if s.reader != readerParked {
 		return false
 	}
-	s.parked = false
+	s.reader = readerRuns
 	s.loop.park.removeLocked(s)
 	if s.rtimer != nil {
 		s.rtimer.Stop()
@@ -205,16 +214,21 @@ func (s *Socket) readBlockedLocked() bool {
 	return s.enabled&EvRead == 0 || (s.streaming && s.in.len() >= s.inLimit)
 }
 
-// beforeRead waits while the reader may not read (reading disabled, the
-// input buffer full, the read rate spent), then arms the read timeout and
-// takes the rate's tokens. input tells whether the last read brought
-// bytes. It returns how much the next read may take, and false once the
-// socket no longer reads.
+// beforeRead waits while the reader may not read (the input buffer full,
+// the read rate spent), then arms the read timeout and takes the rate's
+// tokens. input tells whether the last read brought bytes. It returns how
+// much the next read may take, and false where the reader ends: the
+// socket no longer reads, or its reading is disabled (paused: Enable
+// starts a reader).
 func (s *Socket) beforeRead(worked, input bool) (int, uint64, grant, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
 		for s.readOpenLocked() && s.readBlockedLocked() {
+			if s.enabled&EvRead == 0 {
+				s.reader = readerPaused // Enable starts a reader
+				return 0, 0, grant{}, false
+			}
 			s.cond.Wait()
 		}
 		if !s.readOpenLocked() {

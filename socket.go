@@ -26,7 +26,8 @@ import (
 //     and reading is enabled, one read at a time. It runs the callback
 //     queue itself where the queue is idle, except in stream mode, where a
 //     callback may block in Stream.Read for input that only the reader can
-//     bring. It ends when the read side stops (EOF, a failure, a close) or
+//     bring. It ends when the read side stops (EOF, a failure, a close),
+//     when reading is disabled (paused: Enable starts another), or
 //     once the socket has been idle for longer than usual (hopWaitLocked):
 //     then it parks the socket (park: on Linux, the descriptor waits in
 //     the loop's epoll set, with no goroutine) or, where it cannot, starts
@@ -94,12 +95,24 @@ import (
 //
 // The read side: reading ──► stopped (the reader met EOF or a failure) ──►
 // eofDelivered (half-open only: the EOF event ran; once the write side is
-// shut too, the socket closes itself). While reading, the socket may be
-// parked: it has no reader, and its descriptor waits in the loop's
-// parking set. It leaves it when readable (the parker starts a reader),
-// when its read timeout passes (its timer, rtimer, starts a reader, whose
-// read fails at once with the timeout), or when it closes (unparkLocked
-// wherever a blocked reader would be woken).
+// shut too, the socket closes itself). While reading, its reader:
+//
+//	          idle for longer than usual (park)
+//	  runs ─────────────────────────────────────► parked
+//	  ▲  │ ◄──────────────────────────────────────  │
+//	  │  │   readable, the read timeout passed;     │ closed: no reader
+//	  │  │   a fresh reader takes over              ▼
+//	  │  └─ reading disabled (beforeRead) ──► paused
+//	  └──────────────── Enable ◄─────────────────┘
+//
+// runs: a reader goroutine runs. parked: none; the descriptor waits in
+// the loop's parking set, and the read timeout, where one runs, on the
+// read timer (rtimer); the parker starts a reader when the descriptor is
+// readable, the timer when the timeout passes (the reader's read then
+// fails at once with it), and a close takes the socket out of the set
+// (unparkLocked, wherever a blocked reader would be woken). paused: none,
+// while reading is disabled; Enable starts one. A parked socket whose
+// reading is disabled stays parked: the reader it gets pauses.
 //
 // The write side: writeOpen ──► writeShutting (CloseWrite: writes are
 // refused, and the side is shut once flushed) ──► writeShut; and from
@@ -169,6 +182,16 @@ const (
 	reading      readSide = iota
 	stopped               // the reader met EOF or a failure and ended
 	eofDelivered          // half-open: the peer's EOF event ran
+)
+
+// readerState says, while the read side is reading, whether a reader
+// goroutine runs, and what starts one where none does.
+type readerState uint8
+
+const (
+	readerRuns   readerState = iota // a reader runs, or is about to
+	readerParked                    // none: the descriptor waits in the loop's parking set
+	readerPaused                    // none: reading is disabled, and Enable starts one
 )
 
 // writeSide is the state of the socket's write direction.
@@ -273,7 +296,7 @@ type Socket struct {
 	gap      time.Duration // the socket's usual time between reads (hopWaitLocked)
 	notice   notice
 	rdl      readDeadline // what the conn's read deadline is for
-	parked   bool         // no reader: the descriptor waits in the loop's parking set
+	reader   readerState  // while reading: is there a reader, and if not, what starts one
 
 	// Guarded by mu: write state.
 	out      [][]byte      // queued output, oldest first
@@ -623,6 +646,9 @@ func (s *Socket) Enable(ev Events) error {
 	s.enabled |= ev
 	s.timeoutsChangedLocked(turned)
 	s.cond.Broadcast()
+	if turned&EvRead != 0 {
+		s.resumeLocked()
+	}
 	s.kickLocked()
 	if turned&EvRead != 0 && s.notice == noticeHeld && s.phase == open {
 		// Input that came while reading was disabled was not announced.

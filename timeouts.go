@@ -88,7 +88,7 @@ func (s *Socket) timeoutsChangedLocked(ev Events) {
 		switch {
 		case s.enabled&EvRead != 0 && s.rtimeout > 0:
 			s.rclock = monotime() + s.rtimeout
-			if s.parked {
+			if s.reader == readerParked {
 				s.armReadTimerLocked()
 				break
 			}
