@@ -160,6 +160,17 @@ func (s *Socket) resumeLocked() {
 	}
 }
 
+// pauseLocked makes a reader blocked in a read return once reading is
+// disabled, so that it pauses (beforeRead) instead of reading on: a
+// deadline in the past (rdlWake), which the reader's next arm replaces. A
+// parked socket stays parked: the reader its descriptor brings pauses. mu
+// is held.
+func (s *Socket) pauseLocked() {
+	if s.reader == readerRuns && s.readOpenLocked() {
+		s.setReadDeadlineLocked(rdlWake, aLongTimeAgo)
+	}
+}
+
 // unparked is the parker's call for a parked socket whose descriptor
 // became readable: a fresh reader takes over.
 func (s *Socket) unparked() {
@@ -275,6 +286,9 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		return s.deliver(data)
 	}
 	s.mu.Lock()
+	for s.phase == open && s.enabled&EvRead == 0 {
+		s.cond.Wait() // read before a Disable: the input waits for Enable
+	}
 	if s.phase != open {
 		s.mu.Unlock()
 		putBuf(buf)
@@ -324,6 +338,11 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 		case s.rdl == rdlHop:
 			s.mu.Unlock()
 			return readHop
+		case s.rdl == rdlWake:
+			// Woken by Disable (pauseLocked): beforeRead pauses the
+			// reader, or reads on where reading was enabled again.
+			s.mu.Unlock()
+			return readAgain
 		case s.rdl == rdlReset:
 			// A timeout again, with no deadline set since the last one:
 			// the conn keeps failing its reads (a wrapper whose timeout

@@ -62,7 +62,8 @@ import (
 // exactly once, and the socket's phase, not a context, tells each
 // goroutine when to stop.
 //
-// Locks, outermost first: Server.mu, then Socket.mu, then Socket.qmu;
+// Locks, outermost first: Server.mu, or a Pipe direction's gate
+// (pipeTo), then Socket.mu, then Socket.qmu;
 // Socket.mu, then the loop's parking.mu, which nothing holds while taking
 // another. Loop.mu is taken with no socket lock held, or under Server.mu
 // alone. The loop's callback lock (Loop.Serial) is taken by the queue
@@ -677,6 +678,9 @@ func (s *Socket) Disable(ev Events) error {
 	turned := ev & s.enabled
 	s.enabled &^= ev
 	s.timeoutsChangedLocked(turned)
+	if turned&EvRead != 0 {
+		s.pauseLocked()
+	}
 	return nil
 }
 
