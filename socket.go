@@ -699,6 +699,12 @@ func (s *Socket) Closed() bool {
 // background writes what is queued, then closes the connection (bounded by
 // the write timeout, if set). It returns at once; no callback of the socket
 // starts after it. On a closed socket it returns an ErrSocketClosed event.
+//
+// As for any TCP socket, a connection closed with input the socket has not
+// read (the peer sent more while reading was disabled, say) is reset by
+// the kernel, not closed: the peer may lose what it had not read yet of
+// the output. Where that matters, read the input to its end first, or shut
+// the write side with CloseWrite and close once the peer's EOF comes.
 func (s *Socket) Close() error {
 	if s == nil {
 		return nilSocket("Socket.Close")
