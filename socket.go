@@ -314,8 +314,8 @@ type Socket struct {
 
 	// Guarded by qmu: the callback queue.
 	qmu        sync.Mutex
-	queue      []func() // jobs waiting to run
 	running    bool     // a goroutine runs the queue
+	queue      []func() // jobs waiting to run
 	readResult chan bool
 }
 
