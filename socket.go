@@ -660,7 +660,9 @@ func (s *Socket) Enable(ev Events) error {
 }
 
 // Disable is disable-socket: EvRead stops reading from the connection (no
-// read-cb, no read timeout, and TCP flow control slows the peer); EvWrite
+// read-cb, no read timeout, and TCP flow control slows the peer; a read
+// under way returns, and the socket keeps no reader goroutine until
+// Enable, nor sees the peer's EOF or reset before it); EvWrite
 // holds queued output unwritten (and the write timeout) until Enable. A
 // write already under way finishes: that is at most one batch of 256 KiB.
 func (s *Socket) Disable(ev Events) error {
