@@ -146,9 +146,7 @@ func (s *Socket) readTimerFired() {
 		s.rtimer.Reset(left) // fired early, or moved since
 		return
 	}
-	if s.unparkLocked() && s.readOpenLocked() {
-		s.grp.Go(s.hop)
-	}
+	s.takeOverLocked()
 }
 
 // resumeLocked starts a reader for a paused socket whose reading was
@@ -176,6 +174,12 @@ func (s *Socket) pauseLocked() {
 func (s *Socket) unparked() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.takeOverLocked()
+}
+
+// takeOverLocked takes a parked socket out of the parking set and starts
+// a fresh reader, where it is parked and still reads. mu is held.
+func (s *Socket) takeOverLocked() {
 	if s.unparkLocked() && s.readOpenLocked() {
 		s.grp.Go(s.hop)
 	}
@@ -286,10 +290,7 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		return s.deliver(data)
 	}
 	s.mu.Lock()
-	for s.phase == open && s.enabled&EvRead == 0 {
-		s.cond.Wait() // read before a Disable: the input waits for Enable
-	}
-	if s.phase != open {
+	if !s.awaitReadingLocked() { // read before a Disable: the input waits for Enable
 		s.mu.Unlock()
 		putBuf(buf)
 		return false
@@ -312,10 +313,7 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 func (s *Socket) deliver(data []byte) bool {
 	for {
 		s.mu.Lock()
-		for s.phase == open && s.enabled&EvRead == 0 {
-			s.cond.Wait()
-		}
-		up := s.phase == open
+		up := s.awaitReadingLocked()
 		s.mu.Unlock()
 		if !up {
 			return false
@@ -324,6 +322,16 @@ func (s *Socket) deliver(data []byte) bool {
 			return true
 		}
 	}
+}
+
+// awaitReadingLocked holds bytes the reader has read while reading is
+// disabled: it waits for Enable, and reports whether the socket is still
+// open then. mu is held.
+func (s *Socket) awaitReadingLocked() bool {
+	for s.phase == open && s.enabled&EvRead == 0 {
+		s.cond.Wait()
+	}
+	return s.phase == open
 }
 
 // readFailed handles a read error and says what the reader does next.
