@@ -373,6 +373,20 @@ func heldDialer(t *testing.T) (d *net.Dialer, release func()) {
 	return d, release
 }
 
+// closeHalfAbortHalf ends socks as the storms do: Close on the even ones,
+// Abort on the odd ones. It returns each call's error.
+func closeHalfAbortHalf(socks []*asynctcp.Socket) []error {
+	errs := make([]error, len(socks))
+	for i, s := range socks {
+		if i%2 == 0 {
+			errs[i] = s.Close()
+		} else {
+			errs[i] = s.Abort()
+		}
+	}
+	return errs
+}
+
 // pattern returns n bytes that do not repeat with a short period.
 func pattern(n int) []byte {
 	b := make([]byte, n)

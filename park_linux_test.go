@@ -249,13 +249,7 @@ func TestParkingStorm(t *testing.T) {
 				}
 				time.Sleep(time.Millisecond) // a pace for the storm, not a wait for an event
 			}
-			for i, s := range socks {
-				if i%2 == 0 {
-					s.Close()
-				} else {
-					s.Abort()
-				}
-			}
+			closeHalfAbortHalf(socks)
 			close(stop)
 			for _, c := range clients {
 				c.Close()

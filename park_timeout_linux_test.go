@@ -137,6 +137,16 @@ func ptWithin(t *testing.T, elapsed, d time.Duration, what string) {
 	}
 }
 
+// wantTimeout waits for s's next event and fails the test unless it is a
+// read timeout (Dir EvRead) that fired d after since (ptWithin).
+func (p *ptLog) wantTimeout(t *testing.T, s *asynctcp.Socket, since time.Time, d time.Duration, what string) ptEvent {
+	t.Helper()
+	e := waitFor(t, p.of(s), what)
+	ptTimeout(t, e, s, asynctcp.EvRead, what)
+	ptWithin(t, e.at.Sub(since), d, what)
+	return e
+}
+
 // ptNoEvent fails the test if ch holds an event now.
 func ptNoEvent(t *testing.T, ch <-chan ptEvent, what string) {
 	t.Helper()
@@ -260,9 +270,7 @@ func TestReadTimeoutRestartsAcrossParking(t *testing.T) {
 			pkEcho(t, c, fmt.Sprintf("burst %d, message %d", k, j))
 		}
 	}
-	e := waitFor(t, lg.of(s), "the read timeout after the client stopped")
-	ptTimeout(t, e, s, asynctcp.EvRead, "the read timeout")
-	ptWithin(t, e.at.Sub(last), d, "the read timeout after the client's last message")
+	e := lg.wantTimeout(t, s, last, d, "the read timeout after the client's last message")
 	bePeerClosed(t, c)
 	srv.Close()
 	waitLoop(t, l, waitTimeout)
@@ -286,9 +294,7 @@ func TestReadTimeoutNotifiesParkedSocket(t *testing.T) {
 			srv, clients, socks := pkIdleConns(t, l, 1, lg.event, asynctcp.ReadTimeout(d), asynctcp.NotifyTimeouts(), lg.onClose())
 			c, s := clients[0], socks[0]
 
-			e := waitFor(t, lg.of(s), "the first read timeout")
-			ptTimeout(t, e, s, asynctcp.EvRead, "the first read timeout")
-			ptWithin(t, e.at.Sub(begin), d, "the first read timeout after the socket's only input")
+			lg.wantTimeout(t, s, begin, d, "the first read timeout after the socket's only input")
 			if s.Closed() {
 				t.Fatal("the socket is closed after a notified read timeout")
 			}
@@ -314,9 +320,7 @@ func TestReadTimeoutNotifiesParkedSocket(t *testing.T) {
 			}
 			c.SetReadDeadline(time.Time{})
 
-			e = waitFor(t, lg.of(s), "the read timeout after Enable")
-			ptTimeout(t, e, s, asynctcp.EvRead, "the read timeout after Enable")
-			ptWithin(t, e.at.Sub(enabled), d, "the read timeout after Enable")
+			lg.wantTimeout(t, s, enabled, d, "the read timeout after Enable")
 
 			// Still open: it echoes once enabled again, then closes.
 			if err := s.Enable(asynctcp.EvRead); err != nil {
@@ -366,9 +370,7 @@ func TestSetTimeoutsOnParkedSocket(t *testing.T) {
 	}
 
 	// (b) fires short after the call.
-	e := waitFor(t, lg.of(sB), "the shortened read timeout")
-	ptTimeout(t, e, sB, asynctcp.EvRead, "the shortened read timeout")
-	ptWithin(t, e.at.Sub(set), short, "the shortened read timeout after SetTimeouts")
+	lg.wantTimeout(t, sB, set, short, "the shortened read timeout after SetTimeouts")
 
 	// Up to 1s after the call: nothing from (a) nor (c).
 	expectNone(t, lg.of(sC), time.Until(set.Add(time.Second)), "the lengthened read timeout within 1s of SetTimeouts(1.5s)")
@@ -376,9 +378,7 @@ func TestSetTimeoutsOnParkedSocket(t *testing.T) {
 	pkEcho(t, cA, "no timeout")
 
 	// (c) fires long after the call.
-	e = waitFor(t, lg.of(sC), "the lengthened read timeout")
-	ptTimeout(t, e, sC, asynctcp.EvRead, "the lengthened read timeout")
-	ptWithin(t, e.at.Sub(set), long, "the lengthened read timeout after SetTimeouts")
+	lg.wantTimeout(t, sC, set, long, "the lengthened read timeout after SetTimeouts")
 
 	// (a) still nothing, and it echoes.
 	ptNoEvent(t, lg.of(sA), "the lifted read timeout, within 1.5s")
@@ -423,9 +423,7 @@ func TestDisableStopsParkedReadTimeout(t *testing.T) {
 			if err := s.Enable(asynctcp.EvRead); err != nil {
 				t.Fatalf("Enable(EvRead): %v", err)
 			}
-			e := waitFor(t, lg.of(s), "the read timeout after Enable")
-			ptTimeout(t, e, s, asynctcp.EvRead, "the read timeout after Enable")
-			ptWithin(t, e.at.Sub(enabled), d, "the read timeout after Enable")
+			e := lg.wantTimeout(t, s, enabled, d, "the read timeout after Enable")
 			bePeerClosed(t, c)
 			srv.Close()
 			waitLoop(t, l, waitTimeout)
@@ -586,13 +584,7 @@ func TestReadTimeoutParkingStorm(t *testing.T) {
 				}
 				time.Sleep(4 * time.Millisecond) // a pace for the storm, not a wait for an event
 			}
-			for i, s := range socks {
-				if i%2 == 0 {
-					s.Close()
-				} else {
-					s.Abort()
-				}
-			}
+			closeHalfAbortHalf(socks)
 			close(stop)
 			for _, c := range clients {
 				c.Close()

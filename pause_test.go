@@ -716,13 +716,7 @@ func TestPauseStorm(t *testing.T) {
 			if echoes.Load() < n {
 				t.Errorf("only %d echoes completed during the storm", echoes.Load())
 			}
-			for i, s := range socks {
-				var err error
-				if i%2 == 0 {
-					err = s.Close()
-				} else {
-					err = s.Abort()
-				}
+			for i, err := range closeHalfAbortHalf(socks) {
 				if err != nil {
 					t.Errorf("socket %d: close: %v", i, err)
 				}
