@@ -2,11 +2,18 @@ package asynctcp
 
 import (
 	"context"
+	"crypto/tls"
+	"io"
+	"net"
 )
 
-// A socket's end, as the application sees it: Context is cancelled as soon
-// as the socket starts to close (startClosingLocked), the close-cb runs
-// once every goroutine of the socket has ended (reportEnd, on the finisher),
+// A socket's end. Its ending event (EOF, an error, a panic) is claimed
+// once (fail, claimLocked); the socket then closes itself, gracefully
+// after an EOF (shut, beginFlushLocked), and is torn down (dieLocked) by
+// the finisher (finish), which closes the conn once its goroutines are
+// done. As the application sees it: Context is cancelled as soon as the
+// socket starts to close (startClosingLocked), the close-cb runs once
+// every goroutine of the socket has ended (reportEnd, on the finisher),
 // and Done is closed after it. Loop.Exit cancels the Context and closes
 // Done, but runs no close-cb.
 
@@ -117,4 +124,197 @@ func (s *Socket) BytesWritten() int64 {
 		return 0
 	}
 	return s.bytesWritten.Load()
+}
+
+// fail ends the socket with err, a failure of direction dir (0 for a
+// connect): the event-cb gets it (a socket gets one such event), then the
+// socket closes, gracefully after an EOF, at once otherwise. The caller is
+// the reader or the connector, which end after it: the event runs on the
+// caller where the queue is idle.
+func (s *Socket) fail(err error, dir Events) {
+	ev := newEvent(s, err)
+	ev.Dir = dir
+	s.mu.Lock()
+	end := s.claimLocked(ev)
+	s.mu.Unlock()
+	if end != nil {
+		s.dispatch(end, true)
+	}
+}
+
+// claimLocked records ev as the end of the socket's input and, where it is
+// the socket's first EOF or error, returns the job that delivers it (nil
+// where there is nothing to deliver). Where the application closed the
+// socket already, there is no event: a failed dial or flush just ends it.
+// A peer's EOF on a half-open socket only ends reading. Claiming under the
+// lock that saw the failure keeps a reset that the writer saw first from
+// passing for the plain EOF the reader sees after it. mu is held.
+func (s *Socket) claimLocked(ev *Event) func() {
+	eof := ev.Class == ErrTCPEOF && ev.Code == -1
+	if s.inEnd == nil {
+		s.inEnd = ev
+		if eof {
+			s.inEnd = io.EOF
+		}
+		wake(&s.inWait)
+	}
+	if ev.Dir != EvWrite && s.rside == reading {
+		s.rside = stopped
+	}
+	if s.closer != nobody {
+		s.dieLocked(true)
+		return nil
+	}
+	if s.ended {
+		return nil
+	}
+	halfOpen := eof && ev.Dir == EvRead && s.halfOpen
+	s.ended = !halfOpen
+	switch {
+	case !s.ended:
+	case eof && (s.wside == writeShutting || s.wside == writeShut):
+		// The application's CloseWrite, answered by the peer's EOF: the
+		// application closed it (the event-cb still gets the EOF).
+		s.startClosingLocked(closedError(s))
+	default:
+		s.endErr = ev
+		s.startClosingLocked(ev)
+	}
+	return func() {
+		s.emit(ev)
+		if halfOpen {
+			s.eofDelivered()
+			return
+		}
+		s.shut(!eof) // a reset is aborted
+	}
+}
+
+// eofDelivered notes that the peer's EOF reached the event-cb of a
+// half-open socket; once the write side is shut too, the socket closes
+// itself.
+func (s *Socket) eofDelivered() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rside = eofDelivered
+	s.shutIfBothLocked()
+}
+
+// shutIfBothLocked closes a socket whose two directions are shut. mu is
+// held.
+func (s *Socket) shutIfBothLocked() {
+	if s.rside == eofDelivered && s.wside == writeShut {
+		s.shutLocked(false)
+	}
+}
+
+// shut closes the socket from inside: gracefully (flush first) or not.
+func (s *Socket) shut(abort bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.shutLocked(abort)
+}
+
+// shutLocked closes the socket from inside. Where the application closed
+// it already, it leaves it as it is, except that an abort ends a flush.
+// mu is held.
+func (s *Socket) shutLocked(abort bool) {
+	if s.closer != nobody {
+		if abort {
+			s.dieLocked(true)
+		}
+		return
+	}
+	s.closer = bySelf
+	s.startClosingLocked(closedError(s))
+	if abort {
+		s.dieLocked(true)
+		return
+	}
+	s.beginFlushLocked()
+}
+
+// beginFlushLocked stops reading and lets the writer flush, then end the
+// socket. mu is held.
+func (s *Socket) beginFlushLocked() {
+	switch s.phase {
+	case connecting:
+		if s.outLen == 0 {
+			s.dieLocked(false)
+			return
+		}
+		s.phase = flushing // attach starts the writer once up
+	case open:
+		if s.wside == writeFailed || (s.outLen == 0 && s.writer == writerIdle) {
+			s.dieLocked(false) // nothing to flush
+			return
+		}
+		s.phase = flushing
+		s.wakeReaderLocked()
+		s.writeClockChangedLocked() // a flush is bounded even where EvWrite was disabled
+		s.cond.Broadcast()
+		s.kickLocked()
+	}
+	wake(&s.inWait)
+	wake(&s.outWait)
+}
+
+// dieLocked tears the socket down: it drops the output, stops the connect,
+// wakes every waiter and starts the finisher, which closes the conn (at
+// once where abort is set: a TLS conn then sends no close_notify) outside
+// the lock. mu is held.
+func (s *Socket) dieLocked(abort bool) {
+	if s.phase == dead {
+		return
+	}
+	s.phase = dead
+	s.abortive = abort
+	s.dropped = s.outLen > 0
+	s.out, s.outLen = nil, 0
+	if s.cancel != nil {
+		s.cancel()
+	}
+	if s.stall != nil {
+		s.stall.Stop()
+	}
+	s.unparkLocked()
+	s.cond.Broadcast()
+	wake(&s.inWait)
+	wake(&s.outWait)
+	go s.finish()
+}
+
+// finish closes the conn, waits for the socket's goroutines, and takes the
+// socket out of its loop and server.
+func (s *Socket) finish() {
+	s.mu.Lock()
+	conn, abort := s.conn, s.abortive
+	s.mu.Unlock()
+	if conn != nil {
+		closeConn(conn, abort)
+	}
+	s.grp.Wait()
+	for _, l := range s.tuning.readLimits() {
+		if l.group != nil {
+			l.group.members.Add(-1)
+		}
+	}
+	s.reportEnd()
+	// The loop first, so that Stats no longer counts a socket once
+	// Server.Shutdown has seen it end.
+	s.loop.removeSocket(s)
+	if s.server != nil {
+		s.server.forget(s)
+	}
+}
+
+// closeConn closes conn: at once where abort is set, which for a TLS conn
+// means closing the conn under it, so that close_notify is not sent to a
+// peer that may never read it.
+func closeConn(conn net.Conn, abort bool) {
+	if tc, ok := conn.(*tls.Conn); ok && abort {
+		tc.NetConn().Close()
+		return
+	}
+	conn.Close()
 }
