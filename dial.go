@@ -105,8 +105,8 @@ func handshake(ctx context.Context, tc *tls.Conn) (net.Conn, error) {
 
 // adopt brings the socket up on an established conn and starts its reader
 // on a fresh goroutine (so that an idle socket's parked stack stays small).
-// A socket closed while connecting only flushes; one aborted meanwhile
-// closes conn.
+// A socket closed while connecting only flushes (its reader drains); one
+// aborted meanwhile closes conn.
 func (s *Socket) adopt(conn net.Conn) {
 	s.tuneTCP(conn)
 	s.mu.Lock()
@@ -136,8 +136,10 @@ func (s *Socket) attachLocked(conn net.Conn) bool {
 		s.cancel() // the connect is over: release its context
 	}
 	if s.phase == flushing {
-		s.kickLocked() // closed while connecting: only flush
-		return false
+		// Closed while connecting: flush, and drain the input meanwhile.
+		s.rside = draining
+		s.kickLocked()
+		return true
 	}
 	s.phase = open
 	// The connect-cb is queued before anything can queue a write-cb or a

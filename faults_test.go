@@ -1519,3 +1519,76 @@ func TestStickyReadTimeoutEndsTheSocket(t *testing.T) {
 		})
 	}
 }
+
+// TestMutualCloseWithUnreadOutputEnds closes two asynctcp sockets of one
+// connection at once, each with more output queued than the kernel's
+// buffers hold. A graceful close used to stop reading, so each flush
+// waited on the other's full window for ever (seen as a hang of nettest's
+// suite over two streams). Now the reader of a flushing socket drains, and
+// both sockets end, with no event: whatever is enabled, under a read
+// timeout (which does not count while draining) and over TLS.
+func TestMutualCloseWithUnreadOutputEnds(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		tls    bool
+		before func(s *asynctcp.Socket) // on each socket, before its WriteData
+	}{
+		{name: "plain"},
+		{name: "reading disabled", before: func(s *asynctcp.Socket) { s.Disable(asynctcp.EvRead) }},
+		{name: "read timeout", before: func(s *asynctcp.Socket) {
+			// Disabled, so that the timeout cannot pass before Close.
+			s.Disable(asynctcp.EvRead)
+			s.SetTimeouts(5*time.Millisecond, 0)
+		}},
+		{name: "TLS", tls: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ftMutualClose(t, tc.tls, tc.before)
+		})
+	}
+}
+
+func ftMutualClose(t *testing.T, useTLS bool, before func(*asynctcp.Socket)) {
+	const size = 4 << 20 // far more than the kernel's buffers hold here
+	l := newTestLoop(t)
+	cliOpts := []asynctcp.Option{asynctcp.SendBuffer(64 << 10), asynctcp.ReceiveBuffer(64 << 10)}
+	srvOpts := cliOpts
+	if useTLS {
+		srvCfg, cliCfg := tlsConfigs(t)
+		cliOpts = append(cliOpts, asynctcp.TLS(cliCfg))
+		srvOpts = append(srvOpts[:len(srvOpts):len(srvOpts)], asynctcp.TLS(srvCfg))
+	}
+	closed := make(chan error, 2)
+	events := newEventRecorder()
+	onClose := asynctcp.OnClose(func(s *asynctcp.Socket, err error) { closed <- err })
+	up := make(chan *asynctcp.Socket, 2)
+	onUp := asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s })
+	read := func(*asynctcp.Socket, []byte) {}
+	srv, port := listenLocal(t, l, read, events.cb, append(srvOpts, onUp, onClose)...)
+	connectLocal(t, l, port, read, events.cb, append(cliOpts, onUp, onClose)...)
+	a := waitFor(t, up, "first socket up")
+	b := waitFor(t, up, "second socket up")
+	out := pattern(size)
+	for _, s := range []*asynctcp.Socket{a, b} {
+		if before != nil {
+			before(s)
+		}
+		if err := s.WriteData(out); err != nil {
+			t.Fatalf("WriteData: %v", err)
+		}
+	}
+	for _, s := range []*asynctcp.Socket{a, b} {
+		if err := s.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+	}
+	srv.Close()
+	waitLoopNil(t, l, waitTimeout)
+	for i := 0; i < 2; i++ {
+		waitFor(t, closed, "close-cb")
+	}
+	if n := events.n.Load(); n != 0 {
+		t.Errorf("%d events, want none: %v", n, <-events.ch)
+	}
+	t.Logf("written: %d and %d of %d bytes", a.BytesWritten(), b.BytesWritten(), size)
+}

@@ -234,8 +234,8 @@ func (s *Socket) shutLocked(abort bool) {
 	s.beginFlushLocked()
 }
 
-// beginFlushLocked stops reading and lets the writer flush, then end the
-// socket. mu is held.
+// beginFlushLocked stops reading for the application and lets the writer
+// flush, then end the socket. mu is held.
 func (s *Socket) beginFlushLocked() {
 	switch s.phase {
 	case connecting:
@@ -250,13 +250,29 @@ func (s *Socket) beginFlushLocked() {
 			return
 		}
 		s.phase = flushing
-		s.wakeReaderLocked()
+		s.drainLocked()
 		s.writeClockChangedLocked() // a flush is bounded even where EvWrite was disabled
 		s.cond.Broadcast()
 		s.kickLocked()
 	}
 	wake(&s.inWait)
 	wake(&s.outWait)
+}
+
+// drainLocked turns a read side that still reads into a drain, as a
+// graceful close begins: the reader reads on, whatever is enabled, and
+// drops what it reads, with no read timeout. A peer that is flushing to
+// the socket in turn (two sockets closed at once, each with output the
+// other has not read) would otherwise wait on a full window for ever, and
+// the flush with it. A paused socket gets a reader; a parked one gets one
+// when its descriptor is readable. mu is held.
+func (s *Socket) drainLocked() {
+	if s.rside != reading {
+		return
+	}
+	s.rside = draining
+	s.rclock = 0 // a parked socket's read timer finds it stopped
+	s.resumeLocked()
 }
 
 // dieLocked tears the socket down: it drops the output, stops the connect,

@@ -62,7 +62,7 @@ func (s *Socket) hop() error { return s.reads(false) }
 func (s *Socket) reads(worked bool) error {
 	input := false // the last read brought bytes: the read timeout starts afresh
 	for {
-		room, gen, grant, ok := s.beforeRead(worked, input)
+		turn, ok := s.beforeRead(worked, input)
 		if !ok {
 			return nil
 		}
@@ -70,23 +70,25 @@ func (s *Socket) reads(worked bool) error {
 		var n int
 		var err error
 		if s.raw != nil { // no buffer held while waiting
-			buf, n, err = s.raw.readSome(room)
+			buf, n, err = s.raw.readSome(turn.room)
 		} else {
-			buf, n, err = readConn(s.conn, room)
+			buf, n, err = readConn(s.conn, turn.room)
 		}
-		grant.settle(n)
+		turn.grant.settle(n)
 		input = n > 0
 		if n > 0 {
 			s.bytesRead.Add(int64(n))
 			worked = true
-			if !s.received(buf, n) {
+			if turn.discard {
+				putBuf(buf)
+			} else if !s.received(buf, n) {
 				return nil
 			}
 		}
 		if err == nil {
 			continue
 		}
-		switch s.readFailed(err, gen) {
+		switch s.readFailed(err, turn.gen) {
 		case readAgain:
 			continue
 		case readHop:
@@ -112,7 +114,7 @@ func (s *Socket) park() bool {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.readOpenLocked() || (s.rclock != 0 && s.rclock <= monotime()) || s.loop.park.addLocked(s) != nil {
+	if !s.readerWorkLocked() || (s.rclock != 0 && s.rclock <= monotime()) || s.loop.park.addLocked(s) != nil {
 		return false
 	}
 	s.reader = readerParked
@@ -150,9 +152,10 @@ func (s *Socket) readTimerFired() {
 }
 
 // resumeLocked starts a reader for a paused socket whose reading was
-// enabled again. mu is held.
+// enabled again, or which drains its input now (a graceful close). mu is
+// held.
 func (s *Socket) resumeLocked() {
-	if s.reader == readerPaused && s.readOpenLocked() {
+	if s.reader == readerPaused && s.readerWorkLocked() {
 		s.reader = readerRuns
 		s.grp.Go(s.hop)
 	}
@@ -180,7 +183,7 @@ func (s *Socket) unparked() {
 // takeOverLocked takes a parked socket out of the parking set and starts
 // a fresh reader, where it is parked and still reads. mu is held.
 func (s *Socket) takeOverLocked() {
-	if s.unparkLocked() && s.readOpenLocked() {
+	if s.unparkLocked() && s.readerWorkLocked() {
 		s.grp.Go(s.hop)
 	}
 }
@@ -219,9 +222,16 @@ var bufPool = sync.Pool{New: func() any {
 func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
 func putBuf(b *[]byte) { bufPool.Put(b) }
 
-// readOpenLocked reports whether the reader may go on reading at all (as
-// opposed to waiting). mu is held.
+// readOpenLocked reports whether the socket reads for the application:
+// it is open and its read side has not ended. mu is held.
 func (s *Socket) readOpenLocked() bool { return s.phase == open && s.rside == reading }
+
+// readerWorkLocked reports whether the reader reads on (as opposed to
+// ending): the socket reads for the application, or it drains its input
+// while a graceful close flushes. mu is held.
+func (s *Socket) readerWorkLocked() bool {
+	return s.readOpenLocked() || (s.phase == flushing && s.rside == draining)
+}
 
 // readBlockedLocked reports whether the reader must wait before its next
 // read: reading is disabled, or the input buffer is full. mu is held.
@@ -229,25 +239,37 @@ func (s *Socket) readBlockedLocked() bool {
 	return s.enabled&EvRead == 0 || (s.streaming && s.in.len() >= s.inLimit)
 }
 
+// readTurn is what beforeRead grants the reader's next read.
+type readTurn struct {
+	room    int    // the most the read may take
+	gen     uint64 // the read timeout's generation (rgen) it was armed with
+	grant   grant  // the rate limits' tokens, settled after the read
+	discard bool   // draining: the bytes read go nowhere
+}
+
 // beforeRead waits while the reader may not read (the input buffer full,
 // the read rate spent), then arms the read timeout and takes the rate's
-// tokens. input tells whether the last read brought bytes. It returns how
-// much the next read may take, and false where the reader ends: the
-// socket no longer reads, or its reading is disabled (paused: Enable
-// starts a reader).
-func (s *Socket) beforeRead(worked, input bool) (int, uint64, grant, bool) {
+// tokens. input tells whether the last read brought bytes. It returns the
+// read's turn, and false where the reader ends: the socket no longer
+// reads, or its reading is disabled (paused: Enable starts a reader). A
+// draining socket reads at once, whatever is enabled, buffered or spent.
+func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
 		for s.readOpenLocked() && s.readBlockedLocked() {
 			if s.enabled&EvRead == 0 {
 				s.reader = readerPaused // Enable starts a reader
-				return 0, 0, grant{}, false
+				return readTurn{}, false
 			}
 			s.cond.Wait()
 		}
-		if !s.readOpenLocked() {
-			return 0, 0, grant{}, false
+		if !s.readerWorkLocked() {
+			return readTurn{}, false
+		}
+		if s.rside == draining {
+			s.armReaderLocked(worked, input)
+			return readTurn{room: readBufSize, gen: s.rgen, discard: true}, true
 		}
 		want := readBufSize
 		if s.streaming {
@@ -256,7 +278,7 @@ func (s *Socket) beforeRead(worked, input bool) (int, uint64, grant, bool) {
 		n, g, wait := take(s.tuning.readLimits(), want)
 		if wait == 0 {
 			s.armReaderLocked(worked, input)
-			return n, s.rgen, g, true
+			return readTurn{room: n, gen: s.rgen, grant: g}, true
 		}
 		s.sleepLocked(wait)
 	}
@@ -291,9 +313,10 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 	}
 	s.mu.Lock()
 	if !s.awaitReadingLocked() { // read before a Disable: the input waits for Enable
+		more := s.readerWorkLocked() // closed meanwhile: drain on, or end
 		s.mu.Unlock()
 		putBuf(buf)
-		return false
+		return more
 	}
 	s.in.add(buf, n) // the input owns buf from here
 	wake(&s.inWait)
@@ -309,14 +332,16 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 }
 
 // deliver hands data to the read-cb, waiting while reading is disabled. It
-// reports false once the socket no longer reads.
+// reports false once the socket no longer reads; where it was closed
+// meanwhile and drains, data is dropped and the reader reads on.
 func (s *Socket) deliver(data []byte) bool {
 	for {
 		s.mu.Lock()
 		up := s.awaitReadingLocked()
+		more := s.readerWorkLocked()
 		s.mu.Unlock()
 		if !up {
-			return false
+			return more
 		}
 		if s.dispatchRead(data) {
 			return true
@@ -338,8 +363,19 @@ func (s *Socket) awaitReadingLocked() bool {
 func (s *Socket) readFailed(err error, gen uint64) int {
 	s.mu.Lock()
 	if s.phase != open {
+		next := readStop // closed: no event
+		if s.readerWorkLocked() && deadlinePassed(err) && s.rdl != rdlReset {
+			// Draining: a deadline armed before the close, or the idle
+			// hop, ends no drain; beforeRead sets the deadline afresh.
+			next = readAgain
+			if s.rdl == rdlHop {
+				next = readHop
+			} else {
+				s.rdl = rdlUnknown
+			}
+		}
 		s.mu.Unlock()
-		return readStop // closed: no event
+		return next
 	}
 	if deadlinePassed(err) {
 		switch {

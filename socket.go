@@ -88,13 +88,16 @@ import (
 //	    └─ Abort, a failed connect ───────┘
 //
 // connecting: dialing or handshaking; output queues. open: reading and
-// writing. flushing: closed gracefully; the reader has stopped and the
-// writer writes what is queued, then the socket dies. dead: torn down;
-// every goroutine ends, and the finisher closes the conn.
+// writing. flushing: closed gracefully; the writer writes what is
+// queued, then the socket dies, and the reader drains meanwhile. dead:
+// torn down; every goroutine ends, and the finisher closes the conn.
 //
 // The read side: reading ──► stopped (the reader met EOF or a failure) ──►
 // eofDelivered (half-open only: the EOF event ran; once the write side is
-// shut too, the socket closes itself). While reading, its reader:
+// shut too, the socket closes itself); and reading ──► draining, as a
+// graceful close begins (drainLocked): the reader reads on and drops what
+// it reads, so that a peer flushing to the socket in turn is not stuck
+// behind a full window. While reading or draining, its reader:
 //
 //	          idle for longer than usual (park)
 //	  runs ─────────────────────────────────────► parked
@@ -126,7 +129,7 @@ import (
 //
 // The questions, one method each: may the application queue output
 // (mayQueueLocked); has the writer work (writerWorkLocked); may the reader
-// read (readBlockedLocked, readOpenLocked); may a callback start
+// read (readBlockedLocked, readOpenLocked, readerWorkLocked); may a callback start
 // (callbacksOpenLocked); does the write timeout run (writeClockRunsLocked).
 
 // tuning is what only some sockets ask for, kept apart so that the others
@@ -179,6 +182,7 @@ type readSide uint8
 
 const (
 	reading      readSide = iota
+	draining              // closed gracefully: the reader drops what it reads while the output flushes
 	stopped               // the reader met EOF or a failure and ended
 	eofDelivered          // half-open: the peer's EOF event ran
 )
@@ -502,10 +506,16 @@ func (s *Socket) Closed() bool {
 	return s.closer != nobody
 }
 
-// Close is close-socket, made graceful: it stops reading, and in the
-// background writes what is queued, then closes the connection (bounded by
-// the write timeout, if set). It returns at once; no callback of the socket
-// starts after it. On a closed socket it returns an ErrSocketClosed event.
+// Close is close-socket, made graceful: it stops reading for the
+// application, and in the background writes what is queued, then closes
+// the connection (bounded by the write timeout, if set). It returns at
+// once; no callback of the socket starts after it. On a closed socket it
+// returns an ErrSocketClosed event.
+//
+// While the output flushes, the socket reads on and drops what arrives,
+// even where reading was disabled: a peer that is flushing to it in turn
+// (two sockets closed at once, each with output the other has not read)
+// can finish, instead of both waiting on full windows for ever.
 //
 // As for any TCP socket, a connection closed with input the socket has not
 // read (the peer sent more while reading was disabled, say) is reset by

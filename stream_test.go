@@ -2060,3 +2060,65 @@ func TestStreamWriteToStreamWaitsForItsOutput(t *testing.T) {
 	srv.Close()
 	waitLoopNil(t, l, stTimeout)
 }
+
+// TestStreamMutualCloseWithUnreadOutputEnds closes both streams of one
+// connection, each with more output queued than the kernel's buffers and
+// its peer's input buffer hold, as nettest's suite does after a test that
+// left both sides writing. A stream whose input buffer is full used to
+// stop reading for good once closed, and both flushes waited for ever.
+func TestStreamMutualCloseWithUnreadOutputEnds(t *testing.T) {
+	l := newTestLoop(t)
+	small := []asynctcp.Option{asynctcp.SendBuffer(64 << 10), asynctcp.ReceiveBuffer(64 << 10)}
+	c, s, srv, err := stDial(l, stPairOpts{server: small, client: small})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := pattern(4 << 20)
+	for _, st := range []*asynctcp.Stream{c, s} {
+		if err := st.Socket().WriteData(out); err != nil {
+			t.Fatalf("WriteData: %v", err)
+		}
+	}
+	eventually(t, "both input buffers hold bytes", func() bool {
+		return c.Buffered() > 0 && s.Buffered() > 0
+	})
+	for _, st := range []*asynctcp.Stream{c, s} {
+		if err := st.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+	}
+	srv.Close()
+	waitLoopNil(t, l, waitTimeout)
+}
+
+// TestClosedWhileConnectingDrains closes a socket while it connects, with
+// output queued; its peer answers with more than the kernel's buffers
+// hold and closes too. The socket used to start no reader at all, so
+// both flushes waited for ever; now it drains while it flushes.
+func TestClosedWhileConnectingDrains(t *testing.T) {
+	l := newTestLoop(t)
+	out := pattern(4 << 20)
+	small := []asynctcp.Option{asynctcp.SendBuffer(64 << 10), asynctcp.ReceiveBuffer(64 << 10)}
+	accepted := make(chan struct{})
+	srv, port := listenLocal(t, l, func(*asynctcp.Socket, []byte) {}, nil,
+		append(small, asynctcp.OnConnect(func(s *asynctcp.Socket) {
+			s.WriteData(out)
+			s.Close()
+			close(accepted)
+		}))...)
+	d, release := heldDialer(t)
+	c := connectLocal(t, l, port, func(*asynctcp.Socket, []byte) {}, nil, append(small, asynctcp.Dialer(d))...)
+	if err := c.WriteData(out); err != nil {
+		t.Fatalf("WriteData while connecting: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("Close while connecting: %v", err)
+	}
+	release()
+	waitFor(t, accepted, "the server's socket up")
+	srv.Close()
+	waitLoopNil(t, l, waitTimeout)
+	if c.BytesWritten() == 0 {
+		t.Errorf("the client wrote nothing: it never came up")
+	}
+}

@@ -16,7 +16,7 @@ import (
 // which starts a reader whose read fails at once. The read deadline serves
 // three purposes, and rdl says which one it serves now: the read timeout,
 // the idle hop of a reader (hopWaitLocked) where that comes first, or a
-// deadline in the past that wakes the reader to stop (a graceful close).
+// deadline in the past that wakes the reader to pause (Disable).
 // Where the read timeout is lifted under a blocked read (Disable,
 // SetTimeouts), rgen is bumped, so that the reader tells a stale timeout
 // from a real one.
@@ -50,7 +50,7 @@ const (
 	rdlNone    readDeadline = iota // the conn has no read deadline
 	rdlTimeout                     // the read timeout
 	rdlHop                         // the idle hop (hopWaitLocked)
-	rdlWake                        // in the past: the reader stops
+	rdlWake                        // in the past: the reader pauses (Disable)
 	rdlUnknown                     // a timeout came from a deadline that was moved or not ours: reset it
 	rdlReset                       // none, cleared after rdlUnknown: one more timeout ends the socket
 )
@@ -129,7 +129,7 @@ func (s *Socket) connectTimeout() time.Duration {
 // that has run callbacks (see minHop) where that comes first; a fresh
 // reader lifts a hop deadline it inherited. mu is held.
 func (s *Socket) armReaderLocked(worked, input bool) {
-	if s.rtimeout > 0 {
+	if s.rtimeout > 0 && s.readOpenLocked() {
 		now := monotime()
 		if input || s.rclock == 0 {
 			s.rclock = now + s.rtimeout
@@ -181,15 +181,6 @@ var clockEpoch = time.Now()
 // monotime reads the monotonic clock alone, which costs half of
 // time.Now: the reader reads it before every read.
 func monotime() time.Duration { return time.Since(clockEpoch) }
-
-// wakeReaderLocked makes a blocked read return, so that the reader sees
-// that the socket no longer reads. mu is held.
-func (s *Socket) wakeReaderLocked() {
-	if s.unparkLocked() {
-		return // no reader to wake
-	}
-	s.setReadDeadlineLocked(rdlWake, aLongTimeAgo)
-}
 
 // writeClockRunsLocked reports whether the write timeout counts now. mu
 // is held.
