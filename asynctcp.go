@@ -66,7 +66,9 @@
 //
 // Close is graceful: no input reaches the application after it, the queued
 // output is flushed in the background (the socket drains its input
-// meanwhile) and then the connection closes (Abort drops the output). Each
+// meanwhile) and then the connection closes, after a short linger where
+// the peer is still sending, so that no reset cuts the output short
+// (Abort drops the output). Each
 // socket's callbacks run on goroutines of that socket, one at a time; two
 // sockets' callbacks may run at once unless the loop is Serial. There is no
 // event loop to start: Connect and Listen work at once, and Loop.Wait plays

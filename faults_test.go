@@ -1525,8 +1525,9 @@ func TestStickyReadTimeoutEndsTheSocket(t *testing.T) {
 // buffers hold. A graceful close used to stop reading, so each flush
 // waited on the other's full window for ever (seen as a hang of nettest's
 // suite over two streams). Now the reader of a flushing socket drains, and
-// both sockets end, with no event: whatever is enabled, under a read
-// timeout (which does not count while draining) and over TLS.
+// both sockets end, with no event and every byte written: whatever is
+// enabled, under a read timeout (which does not count while draining) and
+// over TLS.
 func TestMutualCloseWithUnreadOutputEnds(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -1590,5 +1591,142 @@ func ftMutualClose(t *testing.T, useTLS bool, before func(*asynctcp.Socket)) {
 	if n := events.n.Load(); n != 0 {
 		t.Errorf("%d events, want none: %v", n, <-events.ch)
 	}
-	t.Logf("written: %d and %d of %d bytes", a.BytesWritten(), b.BytesWritten(), size)
+	// Each flush ends once the other side drained it all: the first to
+	// finish shuts its write side and lingers until the other's EOF, so
+	// that neither close resets the other's flush.
+	for _, s := range []*asynctcp.Socket{a, b} {
+		if got := s.BytesWritten(); got != size {
+			t.Errorf("BytesWritten = %d, want %d: a flush was cut short", got, size)
+		}
+	}
+}
+
+// TestCloseWhilePeerSendsDeliversAllOutput is the server that answers an
+// upload it will not read (an HTTP 413, say) and closes while the client
+// is still sending. Closing a connection with unread input resets it, and
+// a reset drops what the kernel had not sent yet of the answer: the
+// client saw ECONNRESET, and missed part of the answer. Now the socket
+// shuts its write side once flushed, and drains until the client's EOF.
+func TestCloseWhilePeerSendsDeliversAllOutput(t *testing.T) {
+	for _, mode := range []string{"plain", "reading disabled", "stream"} {
+		t.Run(mode, func(t *testing.T) {
+			ftAnswerAndClose(t, mode)
+		})
+	}
+}
+
+func ftAnswerAndClose(t *testing.T, mode string) {
+	l := newTestLoop(t)
+	answer := pattern(4 << 20)
+	answered := make(chan struct{})
+	var once sync.Once
+	respond := func(s *asynctcp.Socket) {
+		once.Do(func() {
+			if mode == "reading disabled" {
+				s.Disable(asynctcp.EvRead)
+			}
+			s.WriteData(answer)
+			s.Close()
+			close(answered)
+		})
+	}
+	var srv *asynctcp.Server
+	var err error
+	if mode == "stream" {
+		srv, err = l.ListenStream("127.0.0.1", 0, func(s *asynctcp.Socket, st *asynctcp.Stream) { respond(s) }, nil)
+	} else {
+		srv, err = l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, _ []byte) { respond(s) }, nil)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, portOf(t, srv.Addr()))
+	got := readAllAsync(c)
+	upload := make(chan error, 1)
+	go func() { // an upload that goes on until the server's answer ends it
+		chunk := pattern(64 << 10)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				upload <- err
+				return
+			}
+			select {
+			case <-answered:
+				time.Sleep(time.Millisecond) // a client slow to notice
+			default:
+			}
+		}
+	}()
+	res := waitForWithin(t, got, waitTimeout, "the client's read of the answer")
+	if res.err != nil {
+		t.Errorf("client read: %v after %d of %d bytes, want the whole answer and EOF", res.err, len(res.data), len(answer))
+	} else if !bytes.Equal(res.data, answer) {
+		t.Errorf("client read %d bytes, want the %d of the answer", len(res.data), len(answer))
+	}
+	c.Close() // the client notices the answer, and ends its upload
+	waitForWithin(t, upload, waitTimeout, "the upload's end")
+	srv.Close()
+	waitLoopNil(t, l, waitTimeout)
+}
+
+// TestLingeringCloseEnds checks the bounds of a lingering close. The
+// socket closes with input unread, so it lingers: its peer gets the whole
+// output and its EOF (not a reset), but neither closes nor stops sending
+// (the linger's bound ends it), or sent once and went quiet (a lull ends
+// it). Either way the loop ends while the peer is still there.
+func TestLingeringCloseEnds(t *testing.T) {
+	for _, floods := range []bool{true, false} {
+		name := "peer goes quiet"
+		if floods {
+			name = "peer floods"
+		}
+		t.Run(name, func(t *testing.T) {
+			l := newTestLoop(t)
+			up := make(chan *asynctcp.Socket, 1)
+			srv, port := listenLocal(t, l, func(*asynctcp.Socket, []byte) {}, nil,
+				asynctcp.OnConnect(func(s *asynctcp.Socket) {
+					s.Disable(asynctcp.EvRead) // what the peer sends stays unread
+					up <- s
+				}))
+			c := dialRaw(t, port)
+			s := waitFor(t, up, "the server's socket")
+			chunk := pattern(64 << 10)
+			if _, err := c.Write(chunk); err != nil {
+				t.Fatalf("peer write: %v", err)
+			}
+			stop := make(chan struct{})
+			sending := make(chan error, 1)
+			go func() {
+				for floods {
+					select {
+					case <-stop:
+						sending <- nil
+						return
+					default:
+					}
+					if _, err := c.Write(chunk); err != nil {
+						sending <- err
+						return
+					}
+				}
+				<-stop
+				sending <- nil
+			}()
+			got := readAllAsync(c)
+			answer := pattern(1 << 20)
+			s.WriteData(answer)
+			s.Close()
+			srv.Close()
+			// A flooding peer's writes fail once the socket closes at the
+			// linger's bound; a quiet peer's connection stays open.
+			waitLoopNil(t, l, waitTimeout)
+			res := waitFor(t, got, "the peer's read of the answer")
+			if res.err != nil || !bytes.Equal(res.data, answer) {
+				t.Errorf("peer read %d bytes, err %v; want the %d of the answer, then EOF", len(res.data), res.err, len(answer))
+			}
+			close(stop)
+			c.Close()
+			waitFor(t, sending, "the peer's writer")
+		})
+	}
 }

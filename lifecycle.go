@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"time"
 )
 
 // A socket's end. Its ending event (EOF, an error, a panic) is claimed
@@ -245,10 +246,12 @@ func (s *Socket) beginFlushLocked() {
 		}
 		s.phase = flushing // attach starts the writer once up
 	case open:
-		if s.wside == writeFailed || (s.outLen == 0 && s.writer == writerIdle) {
+		if s.wside == writeFailed {
 			s.dieLocked(false) // nothing to flush
 			return
 		}
+		// With nothing queued too, the writer looks for unread input
+		// before it ends the socket: it may linger (nextWrite).
 		s.phase = flushing
 		s.drainLocked()
 		s.writeClockChangedLocked() // a flush is bounded even where EvWrite was disabled
@@ -273,6 +276,52 @@ func (s *Socket) drainLocked() {
 	s.rside = draining
 	s.rclock = 0 // a parked socket's read timer finds it stopped
 	s.resumeLocked()
+}
+
+// A lingering close waits, after the flush, for the peer's EOF, for at most
+// lingerGap without input and lingerMax in all: a peer that goes on
+// sending holds a closed socket for lingerMax at most. net/http waits
+// 500 ms before it closes a connection with unread input, for the same
+// reason.
+const (
+	lingerGap = 500 * time.Millisecond
+	lingerMax = time.Second
+)
+
+// lingersLocked reports whether a flushed socket lingers before it closes
+// (see lingering): the peer sent input after the close and has not ended
+// it, and the conn can shut its write side. mu is held.
+func (s *Socket) lingersLocked() bool {
+	if s.rside != draining || !s.late {
+		return false
+	}
+	_, ok := s.conn.(interface{ CloseWrite() error })
+	return ok
+}
+
+// lateInput records that input came after a graceful close.
+func (s *Socket) lateInput() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.late = true
+}
+
+// lingerLocked begins the lingering of a flushed socket whose write side
+// is shut: its reader drains until the peer's EOF, or until its read
+// deadline passes (armReaderLocked), and the socket dies then (readFailed).
+// mu is held.
+func (s *Socket) lingerLocked() {
+	if s.rside != draining { // the peer's EOF came meanwhile
+		s.dieLocked(false)
+		return
+	}
+	s.phase = lingering
+	s.rclock = monotime() + lingerMax
+	if s.reader == readerParked {
+		s.takeOverLocked() // a fresh reader arms the linger's deadline
+		return
+	}
+	s.armReaderLocked(false, true)
 }
 
 // dieLocked tears the socket down: it drops the output, stops the connect,

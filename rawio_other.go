@@ -16,3 +16,6 @@ func newRawIO(net.Conn) *rawIO { return nil }
 func (r *rawIO) readSome(int) (*[]byte, int, error) { return nil, 0, errors.ErrUnsupported }
 
 func (r *rawIO) tryWrite([]byte) int { return 0 }
+
+// pendingInput cannot peek without a descriptor path: it reports none.
+func pendingInput(net.Conn) bool { return false }

@@ -3,6 +3,7 @@
 package asynctcp
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -127,4 +128,28 @@ func asRead(err error) error {
 		return &named
 	}
 	return err
+}
+
+// pendingInput reports whether the kernel holds input of conn (under TLS,
+// of the TCP conn beneath) that nobody has read: a peek that does not
+// wait (net's descriptors are non-blocking). A conn with no descriptor has
+// none that it can tell.
+func pendingInput(conn net.Conn) bool {
+	if tc, ok := conn.(*tls.Conn); ok {
+		conn = tc.NetConn()
+	}
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	n := 0
+	var b [1]byte
+	rc.Control(func(fd uintptr) {
+		n, _, _ = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK)
+	})
+	return n > 0
 }

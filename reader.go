@@ -230,7 +230,7 @@ func (s *Socket) readOpenLocked() bool { return s.phase == open && s.rside == re
 // ending): the socket reads for the application, or it drains its input
 // while a graceful close flushes. mu is held.
 func (s *Socket) readerWorkLocked() bool {
-	return s.readOpenLocked() || (s.phase == flushing && s.rside == draining)
+	return s.readOpenLocked() || ((s.phase == flushing || s.phase == lingering) && s.rside == draining)
 }
 
 // readBlockedLocked reports whether the reader must wait before its next
@@ -268,6 +268,7 @@ func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 			return readTurn{}, false
 		}
 		if s.rside == draining {
+			s.late = s.late || input
 			s.armReaderLocked(worked, input)
 			return readTurn{room: readBufSize, gen: s.rgen, discard: true}, true
 		}
@@ -363,17 +364,7 @@ func (s *Socket) awaitReadingLocked() bool {
 func (s *Socket) readFailed(err error, gen uint64) int {
 	s.mu.Lock()
 	if s.phase != open {
-		next := readStop // closed: no event
-		if s.readerWorkLocked() && deadlinePassed(err) && s.rdl != rdlReset {
-			// Draining: a deadline armed before the close, or the idle
-			// hop, ends no drain; beforeRead sets the deadline afresh.
-			next = readAgain
-			if s.rdl == rdlHop {
-				next = readHop
-			} else {
-				s.rdl = rdlUnknown
-			}
-		}
+		next := s.drainFailedLocked(err)
 		s.mu.Unlock()
 		return next
 	}
@@ -414,6 +405,32 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 	s.settleWriteLocked()
 	s.mu.Unlock()
 	s.fail(err, EvRead)
+	return readStop
+}
+
+// drainFailedLocked handles a read error of a socket that no longer reads
+// for the application: no event, whatever it is. A draining reader reads
+// on after a deadline armed before the close or its idle hop; a lingering
+// close ends at its own deadline, and at the peer's EOF or a failure. mu
+// is held.
+func (s *Socket) drainFailedLocked(err error) int {
+	switch {
+	case !s.readerWorkLocked():
+		return readStop
+	case s.rdl == rdlLinger && deadlinePassed(err):
+		s.dieLocked(false) // a lull, or the linger's bound
+		return readStop
+	case deadlinePassed(err) && s.rdl != rdlReset:
+		if s.rdl == rdlHop {
+			return readHop
+		}
+		s.rdl = rdlUnknown // beforeRead sets it afresh
+		return readAgain
+	}
+	s.rside = stopped // the peer's EOF, or a failure
+	if s.phase == lingering {
+		s.dieLocked(false)
+	}
 	return readStop
 }
 

@@ -80,24 +80,29 @@ import (
 //
 // States. A socket's phase:
 //
-//	connecting ──► open ──► flushing ──► dead
-//	    │            │                    ▲
-//	    │            └─ Abort, an error, ─┤
-//	    │               nothing to flush  │
-//	    ├─ Close: flushing once up ───────┤
-//	    └─ Abort, a failed connect ───────┘
+//	connecting ──► open ──► flushing ──► lingering ──► dead
+//	    │            │          │                        ▲
+//	    │            │          └─ flushed, no late input ┤
+//	    │            └─ Abort, an error, nothing to flush ┤
+//	    ├─ Close: flushing once up ───────────────────────┤
+//	    └─ Abort, a failed connect ───────────────────────┘
 //
 // connecting: dialing or handshaking; output queues. open: reading and
 // writing. flushing: closed gracefully; the writer writes what is
-// queued, then the socket dies, and the reader drains meanwhile. dead:
-// torn down; every goroutine ends, and the finisher closes the conn.
+// queued, and the reader drains meanwhile. lingering: flushed, and the
+// peer sent input after the close (late), so closing now would reset the
+// connection and drop what the kernel has not sent yet: the write side
+// is shut, and the reader drains until the peer's EOF, a lull of
+// lingerGap, or lingerMax in all (lingerLocked). dead: torn down; every
+// goroutine ends, and the finisher closes the conn.
 //
 // The read side: reading ──► stopped (the reader met EOF or a failure) ──►
 // eofDelivered (half-open only: the EOF event ran; once the write side is
-// shut too, the socket closes itself); and reading ──► draining, as a
-// graceful close begins (drainLocked): the reader reads on and drops what
-// it reads, so that a peer flushing to the socket in turn is not stuck
-// behind a full window. While reading or draining, its reader:
+// shut too, the socket closes itself); and reading ──► draining ──►
+// stopped, as a graceful close begins (drainLocked): the reader reads on
+// and drops what it reads, so that a peer flushing to the socket in turn
+// is not stuck behind a full window. While reading or draining, its
+// reader:
 //
 //	          idle for longer than usual (park)
 //	  runs ─────────────────────────────────────► parked
@@ -165,6 +170,7 @@ const (
 	connecting phase = iota
 	open
 	flushing
+	lingering
 	dead
 )
 
@@ -291,7 +297,7 @@ type Socket struct {
 	inEnd    error         // what reads return once the input is drained: io.EOF or the event
 	inWait   chan struct{} // see "Waits"
 	rtimeout time.Duration
-	rclock   time.Duration // when the read timeout passes (monotime); 0: its clock does not run
+	rclock   time.Duration // when the read timeout passes, or a lingering close ends (monotime); 0: no clock runs
 	rtimer   *time.Timer   // runs the read timeout of a parked socket (readTimerFired)
 	rgen     uint64        // bumped where the read timeout is lifted under the reader
 	hopAt    time.Duration // when the idle hop's deadline passes (monotime)
@@ -300,6 +306,7 @@ type Socket struct {
 	notice   notice
 	rdl      readDeadline // what the conn's read deadline is for
 	reader   readerState  // while reading: is there a reader, and if not, what starts one
+	late     bool         // input came after a graceful close: a lingering close waits for the peer's EOF
 
 	// Guarded by mu: write state.
 	out      [][]byte      // queued output, oldest first
@@ -517,11 +524,12 @@ func (s *Socket) Closed() bool {
 // (two sockets closed at once, each with output the other has not read)
 // can finish, instead of both waiting on full windows for ever.
 //
-// As for any TCP socket, a connection closed with input the socket has not
-// read (the peer sent more while reading was disabled, say) is reset by
-// the kernel, not closed: the peer may lose what it had not read yet of
-// the output. Where that matters, read the input to its end first, or shut
-// the write side with CloseWrite and close once the peer's EOF comes.
+// The kernel resets a TCP connection that is closed with input nobody
+// read, and a reset drops what it has not sent yet of the output. So
+// where the peer sent input after Close, the socket lingers once flushed:
+// it shuts its write side (the peer sees EOF after the whole output) and
+// drains until the peer's EOF, or until no input came for 500 ms, or for
+// 1 s in all; then it closes. Loop.Wait and Server.Shutdown wait for it.
 func (s *Socket) Close() error {
 	if s == nil {
 		return nilSocket("Socket.Close")

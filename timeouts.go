@@ -53,6 +53,7 @@ const (
 	rdlWake                        // in the past: the reader pauses (Disable)
 	rdlUnknown                     // a timeout came from a deadline that was moved or not ours: reset it
 	rdlReset                       // none, cleared after rdlUnknown: one more timeout ends the socket
+	rdlLinger                      // a lingering close's lull or end (lingerLocked)
 )
 
 var aLongTimeAgo = time.Unix(1, 0)
@@ -127,8 +128,13 @@ func (s *Socket) connectTimeout() time.Duration {
 // does not run, and otherwise runs on: a fresh reader inherits it. The
 // read waits until the timeout passes, or until the idle hop of a reader
 // that has run callbacks (see minHop) where that comes first; a fresh
-// reader lifts a hop deadline it inherited. mu is held.
+// reader lifts a hop deadline it inherited. A lingering close's reader
+// waits lingerGap at most, and not past the linger's end. mu is held.
 func (s *Socket) armReaderLocked(worked, input bool) {
+	if s.phase == lingering {
+		s.setReadDeadlineLocked(rdlLinger, clockEpoch.Add(min(monotime()+lingerGap, s.rclock)))
+		return
+	}
 	if s.rtimeout > 0 && s.readOpenLocked() {
 		now := monotime()
 		if input || s.rclock == 0 {

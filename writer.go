@@ -223,16 +223,30 @@ func (s *Socket) kickLocked() {
 	}
 }
 
+// What the writer does next, besides writing a batch.
+const (
+	writeBatch     = iota
+	writeShutSide  // shut the write side (CloseWrite, or a lingering close)
+	writePeekInput // a flushed socket: look for input that closing would reset
+)
+
 // writeLoop is the writer: it writes batches until there is nothing it may
 // write, shuts the write side after CloseWrite, and ends a flushed socket.
 func (s *Socket) writeLoop() error {
+	peeked := false
 	for {
-		bufs, g, clock, shut, ok := s.nextWrite()
+		bufs, g, clock, act, ok := s.nextWrite(peeked)
 		switch {
 		case !ok:
 			return nil
-		case shut:
+		case act == writeShutSide:
 			s.shutWrite()
+			continue
+		case act == writePeekInput:
+			if pendingInput(s.conn) {
+				s.lateInput()
+			}
+			peeked = true
 			continue
 		}
 		n, rest, err := s.writeOut(bufs, clock)
@@ -245,14 +259,15 @@ func (s *Socket) writeLoop() error {
 }
 
 // nextWrite waits until the writer may write (taking one batch), must shut
-// the write side, or is done (ok false); a flushed socket ends here.
-func (s *Socket) nextWrite() (bufs [][]byte, g grant, clock uint64, shut, ok bool) {
+// the write side, or is done (ok false); a flushed socket lingers or ends
+// here, once the writer has peeked for input (peeked).
+func (s *Socket) nextWrite(peeked bool) (bufs [][]byte, g grant, clock uint64, act int, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
 		if !s.writerWorkLocked() {
 			s.writer = writerIdle
-			return nil, grant{}, 0, false, false
+			return nil, grant{}, 0, writeBatch, false
 		}
 		switch {
 		case len(s.out) > 0:
@@ -267,13 +282,22 @@ func (s *Socket) nextWrite() (bufs [][]byte, g grant, clock uint64, shut, ok boo
 			}
 			s.inflight = n
 			bufs := s.takeOutLocked(n)
-			return bufs, g, s.armWriteLocked(), false, true
+			return bufs, g, s.armWriteLocked(), writeBatch, true
+		case s.phase == flushing && !s.late && !peeked && s.rside == draining:
+			return nil, grant{}, 0, writePeekInput, true
+		case s.phase == flushing && s.lingersLocked() && s.wside != writeShut:
+			// Flushed, and the peer is still sending: shut the write
+			// side, then linger (shutWrite).
 		case s.phase == flushing:
 			s.writer = writerIdle
-			s.dieLocked(false)
-			return nil, grant{}, 0, false, false
+			if s.lingersLocked() {
+				s.lingerLocked() // shut already (CloseWrite)
+			} else {
+				s.dieLocked(false)
+			}
+			return nil, grant{}, 0, writeBatch, false
 		}
-		return nil, grant{}, 0, true, true // shut the write side
+		return nil, grant{}, 0, writeShutSide, true
 	}
 }
 
@@ -362,6 +386,10 @@ func (s *Socket) shutWrite() {
 	}
 	s.wside = writeShut
 	wake(&s.outWait)
+	if s.phase == flushing {
+		s.lingerLocked()
+		return
+	}
 	s.shutIfBothLocked()
 }
 
