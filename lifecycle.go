@@ -308,8 +308,8 @@ func (s *Socket) lateInput() {
 
 // lingerLocked begins the lingering of a flushed socket whose write side
 // is shut: its reader drains until the peer's EOF, or until its read
-// deadline passes (armReaderLocked), and the socket dies then (readFailed).
-// mu is held.
+// deadline passes (armReaderLocked), and the socket dies then
+// (drainFailedLocked). mu is held.
 func (s *Socket) lingerLocked() {
 	if s.rside != draining { // the peer's EOF came meanwhile
 		s.dieLocked(false)
