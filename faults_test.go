@@ -1608,7 +1608,7 @@ func ftMutualClose(t *testing.T, useTLS bool, before func(*asynctcp.Socket)) {
 // client saw ECONNRESET, and missed part of the answer. Now the socket
 // shuts its write side once flushed, and drains until the client's EOF.
 func TestCloseWhilePeerSendsDeliversAllOutput(t *testing.T) {
-	for _, mode := range []string{"plain", "reading disabled", "stream"} {
+	for _, mode := range []string{"plain", "reading disabled", "stream", "TLS"} {
 		t.Run(mode, func(t *testing.T) {
 			ftAnswerAndClose(t, mode)
 		})
@@ -1632,15 +1632,21 @@ func ftAnswerAndClose(t *testing.T, mode string) {
 	}
 	var srv *asynctcp.Server
 	var err error
-	if mode == "stream" {
+	var c net.Conn // the uploading client
+	switch mode {
+	case "TLS": // the asynctcp socket is the TLS client; the peer uploads to it
+		_, c = ftTLSPair(t, l, func(s *asynctcp.Socket, _ []byte) { respond(s) }, nil)
+	case "stream":
 		srv, err = l.ListenStream("127.0.0.1", 0, func(s *asynctcp.Socket, st *asynctcp.Stream) { respond(s) }, nil)
-	} else {
+	default:
 		srv, err = l.Listen("127.0.0.1", 0, func(s *asynctcp.Socket, _ []byte) { respond(s) }, nil)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := dialRaw(t, portOf(t, srv.Addr()))
+	if srv != nil {
+		c = dialRaw(t, portOf(t, srv.Addr()))
+	}
 	got := readAllAsync(c)
 	upload := make(chan error, 1)
 	go func() { // an upload that goes on until the server's answer ends it
@@ -1665,7 +1671,9 @@ func ftAnswerAndClose(t *testing.T, mode string) {
 	}
 	c.Close() // the client notices the answer, and ends its upload
 	waitForWithin(t, upload, waitTimeout, "the upload's end")
-	srv.Close()
+	if srv != nil {
+		srv.Close()
+	}
 	waitLoopNil(t, l, waitTimeout)
 }
 
