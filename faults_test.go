@@ -1738,3 +1738,42 @@ func TestLingeringCloseEnds(t *testing.T) {
 		})
 	}
 }
+
+// TestDrainKeepsReadRate closes a rate-limited socket while its peer
+// floods it. The drain that follows a graceful close, and the linger
+// after it, read from the connection too: the socket's read rate bounds
+// them as it bounded the reads before.
+func TestDrainKeepsReadRate(t *testing.T) {
+	const rate, burst = 64 << 10, 32 << 10
+	l := newTestLoop(t)
+	up := make(chan *asynctcp.Socket, 1)
+	srv, port := listenLocal(t, l, func(*asynctcp.Socket, []byte) {}, nil,
+		asynctcp.ReadRate(rate, burst),
+		asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s }))
+	c := dialRaw(t, port)
+	s := waitFor(t, up, "the server's socket")
+	flood := make(chan error, 1)
+	go func() {
+		chunk := pattern(64 << 10)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				flood <- err
+				return
+			}
+		}
+	}()
+	eventually(t, "the socket reading the flood", func() bool { return s.BytesRead() > 0 })
+	read0, t0 := s.BytesRead(), time.Now()
+	s.WriteData(pattern(1 << 20))
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	srv.Close()
+	waitLoopNil(t, l, waitTimeout)
+	read, elapsed := s.BytesRead()-read0, time.Since(t0)
+	if limit := burst + int64(rate*elapsed.Seconds()); read > limit {
+		t.Errorf("read %d bytes in the %v after Close, over the rate's %d", read, elapsed, limit)
+	}
+	c.Close()
+	waitFor(t, flood, "the flood's end")
+}

@@ -252,7 +252,8 @@ type readTurn struct {
 // tokens. input tells whether the last read brought bytes. It returns the
 // read's turn, and false where the reader ends: the socket no longer
 // reads, or its reading is disabled (paused: Enable starts a reader). A
-// draining socket reads at once, whatever is enabled, buffered or spent.
+// draining socket reads whatever is enabled or buffered, within its rate
+// limits: they bound what it reads from the connection, dropped or not.
 func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -267,19 +268,16 @@ func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 		if !s.readerWorkLocked() {
 			return readTurn{}, false
 		}
-		if s.rside == draining {
-			s.late = s.late || input
-			s.armReaderLocked(worked, input)
-			return readTurn{room: readBufSize, gen: s.rgen, discard: true}, true
-		}
+		drain := s.rside == draining
+		s.late = s.late || (drain && input)
 		want := readBufSize
-		if s.streaming {
+		if s.streaming && !drain {
 			want = min(want, s.inLimit-s.in.len())
 		}
 		n, g, wait := take(s.tuning.readLimits(), want)
 		if wait == 0 {
 			s.armReaderLocked(worked, input)
-			return readTurn{room: n, gen: s.rgen, grant: g}, true
+			return readTurn{room: n, gen: s.rgen, grant: g, discard: drain}, true
 		}
 		s.sleepLocked(wait)
 	}
