@@ -21,11 +21,12 @@ import (
 //     first reader), fails, or is cancelled (Abort, Exit, the connect
 //     timeout).
 //   - The reader (reader.go) reads the conn while the read side is open
-//     and reading is enabled, one read at a time. It runs the callback
-//     queue itself where the queue is idle, except in stream mode, where a
-//     callback may block in Stream.Read for input that only the reader can
-//     bring. It ends when the read side stops (EOF, a failure, a close),
-//     when reading is disabled (paused: Enable starts another), or
+//     and reading is enabled, one read at a time, and drains it after a
+//     graceful close. It runs the callback queue itself where the queue
+//     is idle, except in stream mode, where a callback may block in
+//     Stream.Read for input that only the reader can bring. It ends when
+//     the read side stops (EOF, a failure, teardown, the end of a
+//     linger), when reading is disabled (paused: Enable starts another), or
 //     once the socket has been idle for longer than usual (hopWaitLocked):
 //     then it parks the socket (park: on Linux, the descriptor waits in
 //     the loop's epoll set, with no goroutine) or, where it cannot, starts
@@ -38,8 +39,11 @@ import (
 //     kickLocked starts it, and it ends as soon as it finds nothing to do.
 //     It writes one batch at a time (at most maxBatch bytes), shuts the
 //     write side after CloseWrite, and ends a graceful Close once the
-//     output is flushed. WriteData writes inline, without the writer, where
-//     nothing is queued and the descriptor takes the bytes at once.
+//     output is flushed: it peeks for input the peer sent meanwhile, and
+//     where there is some, shuts the write side and leaves the socket to
+//     linger (see lingering below) instead. WriteData writes inline,
+//     without the writer, where nothing is queued and the descriptor
+//     takes the bytes at once.
 //   - A dispatcher (dispatch.go) runs the callback queue where no reader
 //     runs it: started by dispatch when it queues a job on an idle queue,
 //     it ends when the queue is empty. The queue is a slice guarded by
@@ -107,19 +111,21 @@ import (
 //	          idle for longer than usual (park)
 //	  runs ─────────────────────────────────────► parked
 //	  ▲  │ ◄──────────────────────────────────────  │
-//	  │  │   readable, the read timeout passed;     │ closed: no reader
-//	  │  │   a fresh reader takes over              ▼
+//	  │  │   readable, the read timeout passed,     │ torn down:
+//	  │  │   a linger begins: a fresh reader        │ no reader
+//	  │  │   takes over                             ▼
 //	  │  └─ reading disabled (beforeRead) ──► paused
-//	  └──────────────── Enable ◄─────────────────┘
+//	  └──── Enable, a graceful close ◄───────────┘
 //
 // runs: a reader goroutine runs. parked: none; the descriptor waits in
 // the loop's parking set, and the read timeout, where one runs, on the
 // read timer (rtimer); the parker starts a reader when the descriptor is
 // readable, the timer when the timeout passes (the reader's read then
-// fails at once with it), and a close takes the socket out of the set
-// (unparkLocked, wherever a blocked reader would be woken). paused: none,
-// while reading is disabled; Enable starts one. A parked socket whose
-// reading is disabled stays parked: the reader it gets pauses.
+// fails at once with it), and teardown takes the socket out of the set
+// (unparkLocked, in dieLocked). paused: none, while reading is disabled;
+// Enable starts one, and so does a graceful close, whose drain reads
+// whatever is enabled. A parked socket whose reading is disabled stays
+// parked: the reader it gets pauses.
 //
 // The write side: writeOpen ──► writeShutting (CloseWrite: writes are
 // refused, and the side is shut once flushed) ──► writeShut; and from
