@@ -317,11 +317,14 @@ func (s *Socket) lingerLocked() {
 	}
 	s.phase = lingering
 	s.rclock = monotime() + lingerMax
+	s.rgen++ // a read armed before the linger does not end it
 	if s.reader == readerParked {
 		s.takeOverLocked() // a fresh reader arms the linger's deadline
 		return
 	}
-	s.armReaderLocked(false, true)
+	// Wake the reader, so that it arms the linger's deadline with the
+	// linger's generation (beforeRead).
+	s.setReadDeadlineLocked(rdlWake, aLongTimeAgo)
 }
 
 // dieLocked tears the socket down: it drops the output, stops the connect,

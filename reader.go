@@ -279,6 +279,16 @@ func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 			s.armReaderLocked(worked, input)
 			return readTurn{room: n, gen: s.rgen, grant: g, discard: drain}, true
 		}
+		if s.phase == lingering {
+			// The linger's bound holds while the rate makes it wait: no
+			// read, so no read deadline, would end it.
+			left := s.rclock - monotime()
+			if left <= 0 {
+				s.dieLocked(false)
+				return readTurn{}, false
+			}
+			wait = min(wait, left)
+		}
 		s.sleepLocked(wait)
 	}
 }
@@ -362,7 +372,7 @@ func (s *Socket) awaitReadingLocked() bool {
 func (s *Socket) readFailed(err error, gen uint64) int {
 	s.mu.Lock()
 	if s.phase != open {
-		next := s.drainFailedLocked(err)
+		next := s.drainFailedLocked(err, gen)
 		s.mu.Unlock()
 		return next
 	}
@@ -409,13 +419,13 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 // drainFailedLocked handles a read error of a socket that no longer reads
 // for the application: no event, whatever it is. A draining reader reads
 // on after a deadline armed before the close or its idle hop; a lingering
-// close ends at its own deadline, and at the peer's EOF or a failure. mu
-// is held.
-func (s *Socket) drainFailedLocked(err error) int {
+// close ends at its own deadline (one armed for a read of this linger:
+// gen is rgen's), and at the peer's EOF or a failure. mu is held.
+func (s *Socket) drainFailedLocked(err error, gen uint64) int {
 	switch {
 	case !s.readerWorkLocked():
 		return readStop
-	case s.rdl == rdlLinger && deadlinePassed(err):
+	case s.rdl == rdlLinger && deadlinePassed(err) && gen == s.rgen:
 		s.dieLocked(false) // a lull, or the linger's bound
 		return readStop
 	case deadlinePassed(err) && s.rdl != rdlReset:

@@ -536,6 +536,10 @@ func (s *Socket) Closed() bool {
 // it shuts its write side (the peer sees EOF after the whole output) and
 // drains until the peer's EOF, or until no input came for 500 ms, or for
 // 1 s in all; then it closes. Loop.Wait and Server.Shutdown wait for it.
+// Input that first comes once the socket has closed (a peer that goes on
+// sending a while after the close, without reading) still makes the
+// kernel reset the connection. Where the peer's output may outlast the
+// close, shut the write side with CloseWrite and close once its EOF comes.
 func (s *Socket) Close() error {
 	if s == nil {
 		return nilSocket("Socket.Close")

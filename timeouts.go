@@ -50,7 +50,7 @@ const (
 	rdlNone    readDeadline = iota // the conn has no read deadline
 	rdlTimeout                     // the read timeout
 	rdlHop                         // the idle hop (hopWaitLocked)
-	rdlWake                        // in the past: the reader pauses (Disable)
+	rdlWake                        // in the past: the reader pauses (Disable), or arms a linger
 	rdlUnknown                     // a timeout came from a deadline that was moved or not ours: reset it
 	rdlReset                       // none, cleared after rdlUnknown: one more timeout ends the socket
 	rdlLinger                      // a lingering close's lull or end (lingerLocked)
