@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -1028,22 +1029,33 @@ func TestCAWrapNetPipeClose(t *testing.T) {
 
 // TestCACloseWhileUploadGoesOnKeepsTheAnswer is the server that answers
 // an upload it reads as it arrives (its read-cb consumes every chunk) and
-// closes from the read-cb while the upload goes on: a chunk every 200 ms,
-// as a client on a real network sends. The socket's output is still in
-// the kernel, unsent: the client does not read before its upload ends
-// (as a client that writes its whole request first does), so its window
-// is full. The socket lingers (input came as it closed), so the client's
-// next chunk finds it draining, not closed: the client must read the
-// whole output, then EOF. (Closed from another goroutine a moment after
-// the read-cb, the socket sees no input around its close, does not
-// linger, and the client's next chunk meets a closed socket whose kernel
-// resets the connection and drops the output it has not sent: a limit
-// that Socket.Close's doc states.)
+// closes while the upload goes on: a chunk every 200 ms, as a client on a
+// real network sends. The answer comes from the read-cb, or from the
+// application's own goroutine a moment after it. The socket's output is
+// still in the kernel, unsent: the client does not read before its upload
+// ends (as a client that writes its whole request first does), so its
+// window is full. The client must read the whole output, then EOF.
+//
+// Closed from the read-cb, the socket lingers: input came as it closed.
+// Closed from another goroutine, it used not to: no input came around
+// the close, so it closed at once, and the client's next chunk met a
+// closed socket, whose kernel reset the connection and dropped the
+// ~448 KiB it had not sent (the client read 64 KiB). Now, as its flush
+// ends, a socket whose kernel holds output the peer has not acknowledged
+// waits for the acknowledgement or for input (awaitAcked), and the next
+// chunk makes it linger. Only Linux tells unacknowledged output.
 func TestCACloseWhileUploadGoesOnKeepsTheAnswer(t *testing.T) {
-	caUploadAnswer(t)
+	for _, where := range []string{"read-cb", "another goroutine"} {
+		t.Run(where, func(t *testing.T) {
+			if where == "another goroutine" && runtime.GOOS != "linux" {
+				t.Skip("only Linux tells output the peer has not acknowledged (SIOCOUTQ)")
+			}
+			caUploadAnswer(t, where)
+		})
+	}
 }
 
-func caUploadAnswer(t *testing.T) {
+func caUploadAnswer(t *testing.T, where string) {
 	const gap = 200 * time.Millisecond // below lingerGap: a lingering socket sees the next chunk
 	l := newTestLoop(t)
 	w := newCAWatch()
@@ -1059,9 +1071,17 @@ func caUploadAnswer(t *testing.T) {
 	up := make(chan *asynctcp.Socket, 1)
 	srv, port := listenLocal(t, l, func(s *asynctcp.Socket, data []byte) {
 		w.enter("read-cb")
-		if reads.Add(1) == 2 { // the second chunk: answer, and close
-			respond(s)
+		if reads.Add(1) != 2 { // the second chunk: answer, and close
+			return
 		}
+		if where == "read-cb" {
+			respond(s)
+			return
+		}
+		go func() {
+			time.Sleep(gap / 10) // the application works out its answer
+			respond(s)
+		}()
 	}, w.event, w.onClose(), asynctcp.SendBuffer(2<<20),
 		asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s }))
 	c := dialRaw(t, port)

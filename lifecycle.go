@@ -299,11 +299,35 @@ func (s *Socket) lingersLocked() bool {
 	return ok
 }
 
-// lateInput records that input came after a graceful close.
-func (s *Socket) lateInput() {
+// awaitAcked runs on the writer as a graceful close's flush ends, where
+// the peer has not ended its side: input that comes once the socket has
+// closed makes the kernel reset the connection, and the reset drops the
+// output the peer has not acknowledged yet. So it looks for input pending
+// (the socket lingers then), and waits while the kernel holds output the
+// peer has not acknowledged (SIOCOUTQ, on Linux), until input comes (the
+// drain sees it: the socket lingers), for lingerMax at most.
+func (s *Socket) awaitAcked() {
+	end := time.Now().Add(lingerMax)
+	for wait := time.Millisecond; ; wait = min(2*wait, 50*time.Millisecond) {
+		if pendingInput(s.conn) {
+			s.mu.Lock()
+			s.late = true
+			s.mu.Unlock()
+			return
+		}
+		if unacked(s.conn) == 0 || !s.awaitsAck() || time.Now().After(end) {
+			return
+		}
+		time.Sleep(wait)
+	}
+}
+
+// awaitsAck reports whether a flushed socket still waits in
+// awaitAcked: it drains, and no input came yet.
+func (s *Socket) awaitsAck() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.late = true
+	return s.phase == flushing && s.rside == draining && !s.late
 }
 
 // lingerLocked begins the lingering of a flushed socket whose write side

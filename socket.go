@@ -93,12 +93,15 @@ import (
 //
 // connecting: dialing or handshaking; output queues. open: reading and
 // writing. flushing: closed gracefully; the writer writes what is
-// queued, and the reader drains meanwhile. lingering: flushed, and the
-// peer sent input after the close (late), so closing now would reset the
-// connection and drop what the kernel has not sent yet: the write side
-// is shut, and the reader drains until the peer's EOF, a lull of
-// lingerGap, or lingerMax in all (lingerLocked). dead: torn down; every
-// goroutine ends, and the finisher closes the conn.
+// queued, and the reader drains meanwhile; once it is written, the
+// writer looks for input pending and waits, on Linux, while the kernel
+// holds output the peer has not acknowledged (awaitAcked). lingering:
+// flushed, and the peer sent input after the close (late), so closing
+// now would reset the connection and drop what the peer has not
+// acknowledged: the write side is shut, and the reader drains until the
+// peer's EOF, a lull of lingerGap, or lingerMax in all (lingerLocked).
+// dead: torn down; every goroutine ends, and the finisher closes the
+// conn.
 //
 // The read side: reading ──► stopped (the reader met EOF or a failure) ──►
 // eofDelivered (half-open only: the EOF event ran; once the write side is
@@ -531,15 +534,17 @@ func (s *Socket) Closed() bool {
 // can finish, instead of both waiting on full windows for ever.
 //
 // The kernel resets a TCP connection that is closed with input nobody
-// read, and a reset drops what it has not sent yet of the output. So
-// where the peer sent input after Close, the socket lingers once flushed:
-// it shuts its write side (the peer sees EOF after the whole output) and
-// drains until the peer's EOF, or until no input came for 500 ms, or for
-// 1 s in all; then it closes. Loop.Wait and Server.Shutdown wait for it.
-// Input that first comes once the socket has closed (a peer that goes on
-// sending a while after the close, without reading) still makes the
-// kernel reset the connection. Where the peer's output may outlast the
-// close, shut the write side with CloseWrite and close once its EOF comes.
+// read, or that gets input once closed, and a reset drops what the peer
+// has not acknowledged yet of the output. So where the peer sent input
+// after Close, the socket lingers once flushed: it shuts its write side
+// (the peer sees EOF after the whole output) and drains until the peer's
+// EOF, or until no input came for 500 ms, or for 1 s in all; then it
+// closes. On Linux, a flushed socket whose kernel still holds output the
+// peer has not acknowledged first waits for the acknowledgement, for 1 s
+// at most, and lingers if input comes meanwhile. Loop.Wait and
+// Server.Shutdown wait for all of it. A peer that sends again only after
+// that may still meet a reset; where its output may outlast the close,
+// shut the write side with CloseWrite and close once its EOF comes.
 func (s *Socket) Close() error {
 	if s == nil {
 		return nilSocket("Socket.Close")

@@ -227,7 +227,7 @@ func (s *Socket) kickLocked() {
 const (
 	writeBatch     = iota
 	writeShutSide  // shut the write side (CloseWrite, or a lingering close)
-	writePeekInput // a flushed socket: look for input that closing would reset
+	writePeekInput // a flushed socket: look for input that closing would reset (awaitAcked)
 )
 
 // writeLoop is the writer: it writes batches until there is nothing it may
@@ -243,9 +243,7 @@ func (s *Socket) writeLoop() error {
 			s.shutWrite()
 			continue
 		case act == writePeekInput:
-			if pendingInput(s.conn) {
-				s.lateInput()
-			}
+			s.awaitAcked()
 			peeked = true
 			continue
 		}
