@@ -151,6 +151,15 @@ func (s *Socket) attachLocked(conn net.Conn) bool {
 	return true
 }
 
+// beneathTLS returns the conn under a *tls.Conn, and any other conn as it
+// is: what the kernel's socket options and queues belong to.
+func beneathTLS(conn net.Conn) net.Conn {
+	if tc, ok := conn.(*tls.Conn); ok {
+		return tc.NetConn()
+	}
+	return conn
+}
+
 // tuneTCP applies KeepAlive, SendBuffer and ReceiveBuffer to conn, or to
 // the TCP conn under a *tls.Conn; other conns have no such settings.
 func (s *Socket) tuneTCP(conn net.Conn) {
@@ -158,10 +167,7 @@ func (s *Socket) tuneTCP(conn net.Conn) {
 	if t == nil || (t.keepAlive == nil && t.sendBuf == 0 && t.recvBuf == 0) {
 		return
 	}
-	if tc, ok := conn.(*tls.Conn); ok {
-		conn = tc.NetConn()
-	}
-	tcp, ok := conn.(*net.TCPConn)
+	tcp, ok := beneathTLS(conn).(*net.TCPConn)
 	if !ok {
 		return
 	}

@@ -2,7 +2,6 @@ package asynctcp
 
 import (
 	"context"
-	"crypto/tls"
 	"io"
 	"net"
 	"time"
@@ -315,18 +314,20 @@ func (s *Socket) awaitAcked() {
 			s.mu.Unlock()
 			return
 		}
-		if unacked(s.conn) == 0 || !s.awaitsAck() || time.Now().After(end) {
+		s.mu.Lock()
+		waits := s.awaitsAckLocked()
+		s.mu.Unlock()
+		if !waits || unacked(s.conn) == 0 || time.Now().After(end) {
 			return
 		}
 		time.Sleep(wait)
 	}
 }
 
-// awaitsAck reports whether a flushed socket still waits in
-// awaitAcked: it drains, and no input came yet.
-func (s *Socket) awaitsAck() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// awaitsAckLocked reports whether a flushed socket has awaitAcked to run,
+// or to go on with: it drains, and no input came after the close yet. mu
+// is held.
+func (s *Socket) awaitsAckLocked() bool {
 	return s.phase == flushing && s.rside == draining && !s.late
 }
 
@@ -404,9 +405,8 @@ func (s *Socket) finish() {
 // means closing the conn under it, so that close_notify is not sent to a
 // peer that may never read it.
 func closeConn(conn net.Conn, abort bool) {
-	if tc, ok := conn.(*tls.Conn); ok && abort {
-		tc.NetConn().Close()
-		return
+	if abort {
+		conn = beneathTLS(conn)
 	}
 	conn.Close()
 }

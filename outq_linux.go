@@ -1,7 +1,6 @@
 package asynctcp
 
 import (
-	"crypto/tls"
 	"net"
 	"syscall"
 	"unsafe"
@@ -11,10 +10,7 @@ import (
 // conn beneath) the kernel holds that the peer has not acknowledged yet:
 // sent or not (SIOCOUTQ). It returns 0 where it cannot tell.
 func unacked(conn net.Conn) int {
-	if tc, ok := conn.(*tls.Conn); ok {
-		conn = tc.NetConn()
-	}
-	tcp, ok := conn.(*net.TCPConn)
+	tcp, ok := beneathTLS(conn).(*net.TCPConn)
 	if !ok {
 		return 0
 	}

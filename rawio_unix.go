@@ -3,7 +3,6 @@
 package asynctcp
 
 import (
-	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -135,10 +134,7 @@ func asRead(err error) error {
 // wait (net's descriptors are non-blocking). A conn with no descriptor has
 // none that it can tell.
 func pendingInput(conn net.Conn) bool {
-	if tc, ok := conn.(*tls.Conn); ok {
-		conn = tc.NetConn()
-	}
-	sc, ok := conn.(syscall.Conn)
+	sc, ok := beneathTLS(conn).(syscall.Conn)
 	if !ok {
 		return false
 	}

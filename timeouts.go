@@ -14,9 +14,10 @@ import (
 // each read (armReaderLocked) and by SetTimeouts and Enable under a blocked
 // read; a parked socket waits for it on its read timer (readTimerFired),
 // which starts a reader whose read fails at once. The read deadline serves
-// three purposes, and rdl says which one it serves now: the read timeout,
-// the idle hop of a reader (hopWaitLocked) where that comes first, or a
-// deadline in the past that wakes the reader to pause (Disable).
+// four purposes, and rdl says which one it serves now: the read timeout,
+// the idle hop of a reader (hopWaitLocked) where that comes first, a
+// deadline in the past that wakes the reader (to pause after Disable, or
+// to arm a linger), or a lingering close's lull and end (rdlLinger).
 // Where the read timeout is lifted under a blocked read (Disable,
 // SetTimeouts), rgen is bumped, so that the reader tells a stale timeout
 // from a real one.

@@ -281,7 +281,7 @@ func (s *Socket) nextWrite(peeked bool) (bufs [][]byte, g grant, clock uint64, a
 			s.inflight = n
 			bufs := s.takeOutLocked(n)
 			return bufs, g, s.armWriteLocked(), writeBatch, true
-		case s.phase == flushing && !s.late && !peeked && s.rside == draining:
+		case !peeked && s.awaitsAckLocked():
 			return nil, grant{}, 0, writePeekInput, true
 		case s.phase == flushing && s.lingersLocked() && s.wside != writeShut:
 			// Flushed, and the peer is still sending: shut the write
