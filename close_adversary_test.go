@@ -37,70 +37,43 @@ import (
 // peer behaves: lingerMax (1 s), and as much again for a loaded machine.
 const caLingerBound = 2500 * time.Millisecond
 
-// caFlood writes chunk to c once, so that the flood has begun when
-// caFlood returns, then over and over on a goroutine of its own until a
-// write fails or stop is called; done gets the write error (nil once
-// stopped). The test's cleanup stops it, closes c and waits for it.
-//
-// A graceful close lingers where the peer sent input after the close, as
-// its drain or its peek at the flush's end sees it. A peer whose next
-// write comes only once the flush is over (the kernel took the output,
-// which it may not have sent yet) meets a closed socket, and that input
-// resets the connection and drops the unsent output: the close cannot
-// know of input yet to come. On loopback, a flooding peer's goroutine
-// that the scheduler holds back for a moment is such a peer, where the
-// socket read all it had sent and the kernel takes the whole answer at
-// once. So the tests that want a linger make the flush last: small
+// caEndFlood stops a flood (floodPeer), wants it ended by the stop and not
+// by a failed write (the socket reset the connection?), and shuts the
+// peer's write side: a lingering socket sees its EOF.
+func caEndFlood(t *testing.T, stop func(), flood <-chan error, peer interface{ CloseWrite() error }) {
+	t.Helper()
+	stop()
+	if err := waitFor(t, flood, "the flood's end"); err != nil {
+		t.Errorf("peer flood: %v (the socket reset the connection?)", err)
+	}
+	peer.CloseWrite()
+}
+
+// Why the flushes here last. A graceful close lingers where the peer's
+// input comes after the close, while the socket drains or waits for its
+// output to be acknowledged. On loopback the kernel may take and
+// acknowledge a whole answer at once, so that the socket closes at once
+// too, and a flooding peer whose goroutine the scheduler held back for a
+// moment sends its next chunk to a closed socket, which resets the
+// connection. So the tests that want a linger make the flush last: small
 // kernel buffers on both ends (caSmall, caDial), an answer larger than
 // they hold, and a peer that starts reading only once Close returned, so
 // that the flush ends only after the drain has met the flood. (Where
-// input already waits unread at the close, as with reading disabled or
-// a full input buffer, the flush's length does not matter.)
-func caFlood(t *testing.T, c net.Conn, chunk []byte) (stop func(), done <-chan error) {
-	t.Helper()
-	c.SetWriteDeadline(time.Now().Add(waitTimeout))
-	if _, err := c.Write(chunk); err != nil {
-		t.Fatalf("peer's first write: %v", err)
-	}
-	c.SetWriteDeadline(time.Time{})
-	quit := make(chan struct{})
-	var once sync.Once
-	stop = func() { once.Do(func() { close(quit) }) }
-	ch := make(chan error, 1)
-	goOwned(t, "flood", func() {
-		for {
-			select {
-			case <-quit:
-				ch <- nil
-				return
-			default:
-			}
-			if _, err := c.Write(chunk); err != nil {
-				ch <- err
-				return
-			}
-		}
-	}, caCloser(stop), c)
-	return stop, ch
-}
+// input already waits unread at the close, as with reading disabled or a
+// full input buffer, the flush's length does not matter.)
 
 // caSmall keeps the socket's kernel buffers small: a flush of more than
 // they hold lasts until the peer has read most of it.
 var caSmall = []asynctcp.Option{asynctcp.SendBuffer(64 << 10), asynctcp.ReceiveBuffer(64 << 10)}
 
 // caDial connects a raw peer to port, with a small receive buffer (see
-// caFlood).
+// above).
 func caDial(t *testing.T, port int) *net.TCPConn {
 	t.Helper()
 	c := dialRaw(t, port)
 	c.SetReadBuffer(64 << 10)
 	return c
 }
-
-// caCloser makes a stop function an io.Closer, for goOwned.
-type caCloser func()
-
-func (f caCloser) Close() error { f(); return nil }
 
 // caWatch counts what a socket's callbacks do after Close returned: set
 // closed once Close (or Abort) returned nil, and every read-cb, write-cb
@@ -170,6 +143,15 @@ func (w *caWatch) check(t *testing.T, wantNil bool, allowed int32) {
 	}
 }
 
+// checkQuiet is check, for a socket that got no event at all.
+func (w *caWatch) checkQuiet(t *testing.T, wantNil bool, allowed int32) {
+	t.Helper()
+	w.check(t, wantNil, allowed)
+	if n := w.events.Load(); n != 0 {
+		t.Errorf("%d events, want none", n)
+	}
+}
+
 // caAccept starts a server on l whose sockets report to w, connects a raw
 // peer, and returns the accepted socket, the peer and the server.
 func caAccept(t *testing.T, l *asynctcp.Loop, w *caWatch, opts ...asynctcp.Option) (*asynctcp.Socket, *net.TCPConn, *asynctcp.Server) {
@@ -219,7 +201,7 @@ func TestCALingerBoundHoldsUnderSlowReadRate(t *testing.T) {
 				lim = asynctcp.InRateGroup(asynctcp.NewRateGroup(rate, 0, burst))
 			}
 			s, c, srv := caAccept(t, l, w, lim)
-			_, flood := caFlood(t, c, pattern(16<<10))
+			_, flood := floodPeer(t, c, pattern(16<<10))
 			eventually(t, "the socket reading its first burst", func() bool { return s.BytesRead() > 0 })
 			got := readAllAsync(c)
 			answer := pattern(64 << 10)
@@ -288,7 +270,7 @@ func TestCAShutdownWaitsForLingeringSockets(t *testing.T) {
 		p := &peers[i]
 		p.c = caDial(t, port)
 		p.s = waitFor(t, up, "an accepted socket")
-		p.stop, p.flood = caFlood(t, p.c, pattern(16<<10))
+		p.stop, p.flood = floodPeer(t, p.c, pattern(16<<10))
 	}
 	for _, p := range peers {
 		if err := p.s.WriteData(answer); err != nil {
@@ -361,7 +343,7 @@ func caSerialClose(t *testing.T, where string) {
 	flooding := make(chan struct{})
 	respond := func(s *asynctcp.Socket) {
 		once.Do(func() {
-			// The peer has sent input before the close (see caFlood).
+			// The peer has sent input before the close (see floodPeer).
 			select {
 			case <-flooding:
 			case <-time.After(waitTimeout):
@@ -447,7 +429,7 @@ func caSerialClose(t *testing.T, where string) {
 	if where == "event-cb" {
 		waitFor(t, timedOut, "the notified read timeout")
 	}
-	stop, flood := caFlood(t, c, pattern(16<<10))
+	stop, flood := floodPeer(t, c, pattern(16<<10))
 	close(flooding)
 	if trigger != nil {
 		eventually(t, "the socket reading the flood", func() bool { return s.BytesRead() > 0 })
@@ -460,11 +442,7 @@ func caSerialClose(t *testing.T, where string) {
 	caWantAnswer(t, "peer", waitFor(t, readAllAsync(c), "the peer's read of the answer"), want)
 	// A polite peer: it stops sending and ends its side, which ends the
 	// linger at once.
-	stop()
-	if err := waitFor(t, flood, "the flood's end"); err != nil {
-		t.Errorf("peer flood: %v (the socket reset the connection?)", err)
-	}
-	c.CloseWrite()
+	caEndFlood(t, stop, flood, c)
 	if trigger != nil {
 		trigger.Close()
 	}
@@ -495,7 +473,7 @@ func TestCATLSCloseWithTimeouts(t *testing.T) {
 			var stop func()
 			var flood <-chan error
 			if floods {
-				stop, flood = caFlood(t, peer, pattern(16<<10))
+				stop, flood = floodPeer(t, peer, pattern(16<<10))
 				eventually(t, "the socket reading the flood", func() bool { return s.BytesRead() > 0 })
 			}
 			// Short enough to fire during the flush if it ran (the read
@@ -527,17 +505,10 @@ func TestCATLSCloseWithTimeouts(t *testing.T) {
 				return
 			}
 			if floods {
-				stop()
-				if err := waitFor(t, flood, "the flood's end"); err != nil {
-					t.Errorf("peer flood: %v", err)
-				}
-				peer.CloseWrite() // close_notify: the socket's drain sees EOF
+				caEndFlood(t, stop, flood, peer) // close_notify: the socket's drain sees EOF
 			}
 			waitLoopNil(t, l, waitTimeout)
-			w.check(t, true, 1)
-			if n := w.events.Load(); n != 0 {
-				t.Errorf("%d events, want none", n)
-			}
+			w.checkQuiet(t, true, 1)
 		})
 	}
 }
@@ -608,7 +579,7 @@ func caStorm(t *testing.T, exit bool) {
 	}
 	answer := pattern(1 << 20)
 	for _, ss := range socks {
-		ss.stop, ss.flood = caFlood(t, ss.c, pattern(16<<10))
+		ss.stop, ss.flood = floodPeer(t, ss.c, pattern(16<<10))
 		if err := ss.s.WriteData(answer); err != nil {
 			t.Fatalf("WriteData: %v", err)
 		}
@@ -744,9 +715,9 @@ func caStorm(t *testing.T, exit bool) {
 // ---------------------------------------------------------------------
 // Pipe: one end closes while both directions flood.
 
-// caFloodPattern is caFlood of the patternAt stream, from offset 0, in
+// floodPeerPattern is floodPeer of the patternAt stream, from offset 0, in
 // chunks of 16 KiB; written counts the bytes written so far.
-func caFloodPattern(t *testing.T, c net.Conn, written *atomic.Int64) (stop func(), done <-chan error) {
+func floodPeerPattern(t *testing.T, c net.Conn, written *atomic.Int64) (stop func(), done <-chan error) {
 	t.Helper()
 	const chunk = 16 << 10
 	off := 0
@@ -778,7 +749,7 @@ func caFloodPattern(t *testing.T, c net.Conn, written *atomic.Int64) (stop func(
 				return
 			}
 		}
-	}, caCloser(stop), c)
+	}, closerFunc(stop), c)
 	return stop, ch
 }
 
@@ -865,8 +836,8 @@ func TestCAPipeOneEndClosesWhileBothFlood(t *testing.T) {
 		t.Fatalf("Pipe: %v", err)
 	}
 	var sentA, sentB atomic.Int64
-	stopA, floodA := caFloodPattern(t, pa, &sentA)
-	stopB, floodB := caFloodPattern(t, pb, &sentB)
+	stopA, floodA := floodPeerPattern(t, pa, &sentA)
+	stopB, floodB := floodPeerPattern(t, pb, &sentB)
 	// Both floods stall once both relays have stopped their sources:
 	// then both sockets hold output, and input unread.
 	caStalled(t, "both floods", func() int64 { return sentA.Load() + sentB.Load() })
@@ -926,7 +897,7 @@ func TestCAHalfOpenCloseWriteThenClose(t *testing.T) {
 			l := newTestLoop(t)
 			w := newCAWatch()
 			s, c, srv := caAccept(t, l, w, append(caSmall, asynctcp.AllowHalfOpen())...)
-			stop, flood := caFlood(t, c, pattern(16<<10))
+			stop, flood := floodPeer(t, c, pattern(16<<10))
 			if waitEOF {
 				s.Disable(asynctcp.EvRead)
 			}
@@ -944,17 +915,10 @@ func TestCAHalfOpenCloseWriteThenClose(t *testing.T) {
 			if !waitEOF {
 				caWantAnswer(t, "peer", waitFor(t, readAllAsync(c), "the peer's read of the answer"), answer)
 			}
-			stop()
-			if err := waitFor(t, flood, "the flood's end"); err != nil {
-				t.Errorf("peer flood: %v (reset?)", err)
-			}
-			c.CloseWrite()
+			caEndFlood(t, stop, flood, c)
 			srv.Close()
 			waitLoopNil(t, l, waitTimeout)
-			w.check(t, true, 1)
-			if n := w.events.Load(); n != 0 {
-				t.Errorf("%d events, want none", n)
-			}
+			w.checkQuiet(t, true, 1)
 		})
 	}
 }
@@ -996,7 +960,7 @@ func TestCAWrapNetPipeClose(t *testing.T) {
 			if tc.reads {
 				got = readAllAsync(b)
 			}
-			_, flood := caFlood(t, b, pattern(4<<10))
+			_, flood := floodPeer(t, b, pattern(4<<10))
 			if tc.disable {
 				s.Disable(asynctcp.EvRead)
 			}
@@ -1016,10 +980,7 @@ func TestCAWrapNetPipeClose(t *testing.T) {
 			if tc.reads {
 				caWantAnswer(t, "net.Pipe peer", waitFor(t, got, "the peer's read of the answer"), answer)
 			}
-			w.check(t, true, 1)
-			if n := w.events.Load(); n != 0 {
-				t.Errorf("%d events, want none", n)
-			}
+			w.checkQuiet(t, true, 1)
 		})
 	}
 }
@@ -1167,10 +1128,7 @@ func TestCAParkedSocketClosedWithPendingInput(t *testing.T) {
 			c.CloseWrite()
 			srv.Close()
 			waitLoopNil(t, l, waitTimeout)
-			w.check(t, true, 1)
-			if n := w.events.Load(); n != 0 {
-				t.Errorf("%d events, want none", n)
-			}
+			w.checkQuiet(t, true, 1)
 		})
 	}
 }
@@ -1219,7 +1177,7 @@ func TestCAStreamFullInputClosedWhilePeerFloods(t *testing.T) {
 			t.Cleanup(func() { srv.Close() })
 			c := caDial(t, portOf(t, srv.Addr()))
 			st := waitFor(t, up, "the accepted stream")
-			stop, flood := caFlood(t, c, pattern(16<<10))
+			stop, flood := floodPeer(t, c, pattern(16<<10))
 			var got <-chan readResult
 			if how != "blocked Stream.Write" {
 				got = readAllAsync(c)
@@ -1262,17 +1220,10 @@ func TestCAStreamFullInputClosedWhilePeerFloods(t *testing.T) {
 				got = readAllAsync(c)
 			}
 			caWantAnswer(t, "peer", waitFor(t, got, "the peer's read of the answer"), answer)
-			stop()
-			if err := waitFor(t, flood, "the flood's end"); err != nil {
-				t.Errorf("peer flood: %v (reset?)", err)
-			}
-			c.CloseWrite()
+			caEndFlood(t, stop, flood, c)
 			srv.Close()
 			waitLoopNil(t, l, waitTimeout)
-			w.check(t, true, 1)
-			if n := w.events.Load(); n != 0 {
-				t.Errorf("%d events, want none", n)
-			}
+			w.checkQuiet(t, true, 1)
 		})
 	}
 }
@@ -1314,7 +1265,7 @@ func TestCAWriteTimeoutEndsFlushWhileDraining(t *testing.T) {
 			if err := s.SetTimeouts(0, wt); err != nil {
 				t.Fatalf("SetTimeouts: %v", err)
 			}
-			_, flood := caFlood(t, c, pattern(16<<10))
+			_, flood := floodPeer(t, c, pattern(16<<10))
 			if tc.disable {
 				s.Disable(asynctcp.EvRead)
 			}
@@ -1334,10 +1285,7 @@ func TestCAWriteTimeoutEndsFlushWhileDraining(t *testing.T) {
 			if s.BytesWritten() >= size {
 				t.Errorf("the whole output was written to a peer that never reads")
 			}
-			w.check(t, false, 1)
-			if n := w.events.Load(); n != 0 {
-				t.Errorf("%d events, want none", n)
-			}
+			w.checkQuiet(t, false, 1)
 			c.Close()
 			waitFor(t, flood, "the flood's end")
 		})

@@ -1699,27 +1699,11 @@ func TestLingeringCloseEnds(t *testing.T) {
 			c := dialRaw(t, port)
 			s := waitFor(t, up, "the server's socket")
 			chunk := pattern(64 << 10)
-			if _, err := c.Write(chunk); err != nil {
+			if floods {
+				floodPeer(t, c, chunk) // its cleanup ends it
+			} else if _, err := c.Write(chunk); err != nil {
 				t.Fatalf("peer write: %v", err)
 			}
-			stop := make(chan struct{})
-			sending := make(chan error, 1)
-			go func() {
-				for floods {
-					select {
-					case <-stop:
-						sending <- nil
-						return
-					default:
-					}
-					if _, err := c.Write(chunk); err != nil {
-						sending <- err
-						return
-					}
-				}
-				<-stop
-				sending <- nil
-			}()
 			got := readAllAsync(c)
 			answer := pattern(1 << 20)
 			s.WriteData(answer)
@@ -1732,9 +1716,6 @@ func TestLingeringCloseEnds(t *testing.T) {
 			if res.err != nil || !bytes.Equal(res.data, answer) {
 				t.Errorf("peer read %d bytes, err %v; want the %d of the answer, then EOF", len(res.data), res.err, len(answer))
 			}
-			close(stop)
-			c.Close()
-			waitFor(t, sending, "the peer's writer")
 		})
 	}
 }
@@ -1752,16 +1733,7 @@ func TestDrainKeepsReadRate(t *testing.T) {
 		asynctcp.OnConnect(func(s *asynctcp.Socket) { up <- s }))
 	c := dialRaw(t, port)
 	s := waitFor(t, up, "the server's socket")
-	flood := make(chan error, 1)
-	go func() {
-		chunk := pattern(64 << 10)
-		for {
-			if _, err := c.Write(chunk); err != nil {
-				flood <- err
-				return
-			}
-		}
-	}()
+	floodPeer(t, c, pattern(64<<10)) // its cleanup ends it
 	eventually(t, "the socket reading the flood", func() bool { return s.BytesRead() > 0 })
 	read0, t0 := s.BytesRead(), time.Now()
 	s.WriteData(pattern(1 << 20))
@@ -1774,6 +1746,4 @@ func TestDrainKeepsReadRate(t *testing.T) {
 	if limit := burst + int64(rate*elapsed.Seconds()); read > limit {
 		t.Errorf("read %d bytes in the %v after Close, over the rate's %d", read, elapsed, limit)
 	}
-	c.Close()
-	waitFor(t, flood, "the flood's end")
 }

@@ -554,3 +554,40 @@ func sendInRandomChunks(c net.Conn, data []byte, seed int64) <-chan error {
 	}()
 	return done
 }
+
+// floodPeer writes chunk to c once, so that the flood has begun when it
+// returns, then over and over on a goroutine of its own until a write
+// fails or stop is called; done gets the write error (nil once stopped).
+// The test's cleanup stops it, closes c and waits for it.
+func floodPeer(t *testing.T, c net.Conn, chunk []byte) (stop func(), done <-chan error) {
+	t.Helper()
+	c.SetWriteDeadline(time.Now().Add(waitTimeout))
+	if _, err := c.Write(chunk); err != nil {
+		t.Fatalf("peer's first write: %v", err)
+	}
+	c.SetWriteDeadline(time.Time{})
+	quit := make(chan struct{})
+	var once sync.Once
+	stop = func() { once.Do(func() { close(quit) }) }
+	ch := make(chan error, 1)
+	goOwned(t, "flood", func() {
+		for {
+			select {
+			case <-quit:
+				ch <- nil
+				return
+			default:
+			}
+			if _, err := c.Write(chunk); err != nil {
+				ch <- err
+				return
+			}
+		}
+	}, closerFunc(stop), c)
+	return stop, ch
+}
+
+// closerFunc makes a function an io.Closer, for goOwned.
+type closerFunc func()
+
+func (f closerFunc) Close() error { f(); return nil }
