@@ -347,7 +347,7 @@ func (s *Socket) deliver(data []byte) bool {
 	for {
 		s.mu.Lock()
 		up := s.awaitReadingLocked()
-		more := s.readerWorkLocked()
+		more := up || s.readerWorkLocked() // asked only once closed
 		s.mu.Unlock()
 		if !up {
 			return more
