@@ -589,7 +589,8 @@ func ServeStream(ln net.Listener, read StreamFunc, event EventFunc, opts ...Opti
 // and TLS do not apply (wrap a *tls.Conn instead). A *tls.Conn whose
 // handshake has not run is up once the handshake is done, bounded by the
 // connect timeout (ReadTimeout, else WriteTimeout) as for a Connect with
-// TLS; a failed handshake is the socket's event.
+// TLS; a failed handshake is the socket's event. From then on the socket
+// owns conn, as Socket.Conn says: close the socket, not conn.
 func (l *Loop) Wrap(conn net.Conn, read ReadFunc, event EventFunc, opts ...Option) (*Socket, error) {
 	return l.wrap(callWrap, conn, read, nil, event, opts)
 }

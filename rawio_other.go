@@ -13,7 +13,9 @@ type rawIO struct{}
 
 func newRawIO(net.Conn) *rawIO { return nil }
 
-func (r *rawIO) readSome(int) (*[]byte, int, error) { return nil, 0, errors.ErrUnsupported }
+func (r *rawIO) readSome(int, func(*[]byte, int) (int, bool)) (*[]byte, int, error) {
+	return nil, 0, errors.ErrUnsupported
+}
 
 func (r *rawIO) tryWrite([]byte) int { return 0 }
 

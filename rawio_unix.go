@@ -24,6 +24,7 @@ type rawIO struct {
 	rn     int
 	rerr   error
 	read   func(fd uintptr) bool
+	next   func(b *[]byte, n int) (int, bool) // for one readSome: see there
 	wp     []byte
 	wn     int
 	werr   error
@@ -57,33 +58,55 @@ func newRawIO(conn net.Conn) *rawIO {
 
 func (r *rawIO) readFD(fd uintptr) bool {
 	b := getBuf()
+	var n int
+	var err error
 	for {
-		r.rn, r.rerr = syscall.Read(int(fd), (*b)[:r.rmax])
-		if r.rerr != syscall.EINTR {
+		n, err = syscall.Read(int(fd), (*b)[:r.rmax])
+		if err != syscall.EINTR {
 			break
 		}
 	}
-	if r.rerr == syscall.EAGAIN {
+	if err == syscall.EAGAIN {
 		putBuf(b) // hold no buffer while waiting
 		return false
 	}
-	r.rbuf = b
+	if err == nil && n > 0 && n < r.rmax && r.next != nil {
+		// The read emptied the kernel's queue: the next read would find
+		// nothing, so wait for readiness first (see readSome).
+		room, ok := r.next(b, n)
+		if ok {
+			r.rmax = room
+			return false
+		}
+		b, n = nil, 0 // the turn goes back to readSome's caller
+	}
+	r.rbuf, r.rn, r.rerr = b, n, err
 	return true
 }
 
 // readSome reads at most max bytes into a pooled buffer, which the caller
-// returns with putBuf.
-func (r *rawIO) readSome(max int) (*[]byte, int, error) {
-	r.rmax = max
+// returns with putBuf. Where next is not nil, a read that returns less
+// than it asked for goes to next instead, which takes the buffer and
+// grants the next read's size, and readSome waits for readiness and reads
+// on within the same descriptor read: a read that would only find nothing
+// (the kernel's queue was empty when the last read returned) is not made,
+// and no readiness is lost, as it would be between two descriptor reads
+// (each starts by forgetting the readiness seen before it). Where next
+// reports false, readSome returns a nil buffer and a nil error: the caller
+// asks again what its next read may be.
+func (r *rawIO) readSome(max int, next func(b *[]byte, n int) (int, bool)) (*[]byte, int, error) {
+	r.rmax, r.next = max, next
 	err := r.rc.Read(r.read)
 	b, n, rerr := r.rbuf, r.rn, r.rerr
-	r.rbuf, r.rerr = nil, nil
+	r.rbuf, r.rerr, r.next = nil, nil, nil
 	switch {
 	case err != nil:
 		if b != nil {
 			putBuf(b)
 		}
 		return nil, 0, asRead(err)
+	case b == nil:
+		return nil, 0, nil // next handed the turn back
 	case rerr != nil:
 		putBuf(b)
 		return nil, 0, &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}

@@ -59,31 +59,69 @@ func (s *Socket) hop() error { return s.reads(false) }
 
 // reads is the reader's loop; worked tells whether this goroutine has run
 // callbacks yet.
+//
+// On the descriptor path a read that empties the kernel's queue (it
+// returns less than it asked for) is handed on from inside the
+// descriptor's read (next), and the reader then waits for readiness
+// there, without the read that would only find nothing: one read and one
+// write per echo, as an event loop makes. So the socket holds the conn's
+// read side while a read-cb runs (Conn says what that rules out).
 func (s *Socket) reads(worked bool) error {
-	input := false // the last read brought bytes: the read timeout starts afresh
+	input := false   // the last read brought bytes: the read timeout starts afresh
+	stopped := false // the socket no longer reads: the reader ends
+	var turn readTurn
+	// took hands on the n bytes read into buf; it reports false once the
+	// socket no longer reads.
+	took := func(buf *[]byte, n int) bool {
+		turn.grant.settle(n)
+		s.bytesRead.Add(int64(n))
+		worked = true
+		if turn.discard {
+			putBuf(buf)
+			return true
+		}
+		return s.received(buf, n)
+	}
+	var next func(buf *[]byte, n int) (int, bool)
+	if s.raw != nil {
+		// next takes a read that emptied the kernel's queue and grants the
+		// next read without waiting; false hands the turn back to the loop
+		// below, which waits where it must, or ends.
+		next = func(buf *[]byte, n int) (int, bool) {
+			input = true
+			if !took(buf, n) {
+				stopped = true
+				return 0, false
+			}
+			t, ok := s.beforeRead(worked, true, false)
+			turn = t // on false, no grant: nothing to settle below
+			return t.room, ok
+		}
+	}
 	for {
-		turn, ok := s.beforeRead(worked, input)
-		if !ok {
+		var ok bool
+		if turn, ok = s.beforeRead(worked, input, true); !ok {
 			return nil
 		}
 		var buf *[]byte
 		var n int
 		var err error
 		if s.raw != nil { // no buffer held while waiting
-			buf, n, err = s.raw.readSome(turn.room)
+			buf, n, err = s.raw.readSome(turn.room, next)
+			if stopped {
+				return nil
+			}
+			if buf == nil && err == nil {
+				continue // next handed the turn back
+			}
 		} else {
 			buf, n, err = readConn(s.conn, turn.room)
 		}
-		turn.grant.settle(n)
 		input = n > 0
-		if n > 0 {
-			s.bytesRead.Add(int64(n))
-			worked = true
-			if turn.discard {
-				putBuf(buf)
-			} else if !s.received(buf, n) {
-				return nil
-			}
+		if !input {
+			turn.grant.settle(0)
+		} else if !took(buf, n) {
+			return nil
 		}
 		if err == nil {
 			continue
@@ -254,11 +292,16 @@ type readTurn struct {
 // reads, or its reading is disabled (paused: Enable starts a reader). A
 // draining socket reads whatever is enabled or buffered, within its rate
 // limits: they bound what it reads from the connection, dropped or not.
-func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
+// Where wait is false (next, inside the descriptor's read), it reports
+// false instead of waiting, and changes nothing then.
+func (s *Socket) beforeRead(worked, input, wait bool) (readTurn, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
 		for s.readOpenLocked() && s.readBlockedLocked() {
+			if !wait {
+				return readTurn{}, false
+			}
 			if s.enabled&EvRead == 0 {
 				s.reader = readerPaused // Enable starts a reader
 				return readTurn{}, false
@@ -269,13 +312,16 @@ func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 			return readTurn{}, false
 		}
 		drain := s.rside == draining
-		s.late = s.late || (drain && input)
 		want := readBufSize
 		if s.streaming && !drain {
 			want = min(want, s.inLimit-s.in.len())
 		}
-		n, g, wait := take(s.tuning.readLimits(), want)
-		if wait == 0 {
+		n, g, pause := take(s.tuning.readLimits(), want)
+		if pause > 0 && !wait {
+			return readTurn{}, false
+		}
+		s.late = s.late || (drain && input)
+		if pause == 0 {
 			s.armReaderLocked(worked, input)
 			return readTurn{room: n, gen: s.rgen, grant: g, discard: drain}, true
 		}
@@ -287,9 +333,9 @@ func (s *Socket) beforeRead(worked, input bool) (readTurn, bool) {
 				s.dieLocked(false)
 				return readTurn{}, false
 			}
-			wait = min(wait, left)
+			pause = min(pause, left)
 		}
-		s.sleepLocked(wait)
+		s.sleepLocked(pause)
 	}
 }
 

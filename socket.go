@@ -24,7 +24,12 @@ import (
 //     and reading is enabled, one read at a time, and drains it after a
 //     graceful close. It runs the callback queue itself where the queue
 //     is idle, except in stream mode, where a callback may block in
-//     Stream.Read for input that only the reader can bring. It ends when
+//     Stream.Read for input that only the reader can bring. On a
+//     descriptor (rawIO), a read that empties the kernel's queue is handed
+//     on from inside the descriptor's read, which then waits for readiness
+//     with no read that would find nothing: the conn's read side is held
+//     while the read-cb runs, so the conn is closed by the finisher alone
+//     (Abort leaves it to it). It ends when
 //     the read side stops (EOF, a failure, teardown, the end of a
 //     linger), when reading is disabled (paused: Enable starts another), or
 //     once the socket has been idle for longer than usual (hopWaitLocked):
@@ -413,10 +418,15 @@ func (s *Socket) writeClosedLocked() bool {
 	return s.closer != nobody || s.wside != writeOpen || s.phase == dead
 }
 
-// Conn is socket-c: the connection, or nil while connecting. The socket
-// reads and writes it and sets its deadlines: close the socket, not the
-// conn (an idle socket, with no read under way, notices a conn closed
-// under it only at its next write).
+// Conn is socket-c: the connection, or nil while connecting, for its
+// addresses and settings (SetNoDelay, SetLinger, CloseWrite and the like).
+// The socket reads and writes it and sets its deadlines: close the socket,
+// not the conn, and do not read the conn. A TCP or Unix socket holds its
+// conn's read side while its read-cb runs (it reads on from there without
+// a system call that would find nothing), so a Close or Read of the conn
+// waits until the read-cb returns: made inside one of the socket's
+// callbacks (inside any callback of a Serial loop), it never returns. An idle socket, with no read under way,
+// notices a conn closed under it only at its next write.
 func (s *Socket) Conn() net.Conn {
 	if s == nil {
 		return nil
@@ -577,7 +587,13 @@ func (s *Socket) Abort() error {
 	var cut net.Conn // a graceful close under way, to cut short
 	if s.phase == dead && !s.abortive {
 		s.abortive = true
-		cut = s.conn
+		// A TLS conn's close may wait on its close_notify: close the conn
+		// under it. A conn read through its descriptor closes at once in
+		// the finisher; closing it here could wait for a read-cb of this
+		// socket that is under way (Conn), even the caller's own.
+		if s.raw == nil {
+			cut = s.conn
+		}
 	}
 	s.dieLocked(true)
 	s.mu.Unlock()

@@ -1,0 +1,100 @@
+package asynctcp_test
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/asynctcp/asynctcp"
+)
+
+// A TCP socket hands a read that emptied the kernel's queue to its read-cb
+// from inside the descriptor's read, then waits there for readiness
+// without reading again. Input that arrives while the read-cb runs must
+// still wake it: each message here is sent while the read-cb of the one
+// before is blocked, and the runtime's poller is given a moment to see
+// its readiness before that read-cb returns (a reader that began a fresh
+// descriptor read and skipped its first read would lose it, until its
+// idle hop, up to a second later, found it).
+func TestInputDuringReadCbIsRead(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		serial bool
+		opts   []asynctcp.Option
+	}{
+		{"plain", false, nil},
+		{"serial", true, nil},
+		{"reuse", false, []asynctcp.Option{asynctcp.ReuseReadBuffer()}},
+		{"read timeout", false, []asynctcp.Option{asynctcp.ReadTimeout(time.Minute)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newTestLoop(t)
+			l.Serial = tc.serial
+			const msgs = 100
+			got := make(chan string, msgs)
+			release := make(chan struct{})
+			t.Cleanup(func() { close(release) }) // before the loop's cleanup, should the test fail
+			read := func(s *asynctcp.Socket, data []byte) {
+				got <- string(data)
+				<-release
+			}
+			_, port := listenLocal(t, l, read, func(error) {}, tc.opts...)
+			peer := dialRaw(t, port)
+			for i := range msgs {
+				msg := fmt.Sprintf("m%03d;", i)
+				if _, err := peer.Write([]byte(msg)); err != nil {
+					t.Fatalf("write %d: %v", i, err)
+				}
+				if i > 0 {
+					time.Sleep(time.Millisecond) // the poller sees the input (not a synchronization)
+					release <- struct{}{}        // the previous read-cb returns
+				}
+				// Within far less than the idle hop's second, which would
+				// find a lost input at last.
+				if data := waitForWithin(t, got, 500*time.Millisecond, fmt.Sprintf("read-cb with message %d", i)); data != msg {
+					t.Fatalf("read-cb got %q, want %q", data, msg)
+				}
+			}
+			release <- struct{}{}
+			peer.Close()
+			l.Exit(nil)
+			waitLoopClean(t, l, waitTimeout)
+		})
+	}
+}
+
+// Closing a socket's conn from another goroutine while its read-cb runs
+// waits for the read-cb to return (the socket holds the conn's read side
+// around it); then the socket ends with an event, as for any conn closed
+// under it.
+func TestConnClosedUnderReadCbWaitsForIt(t *testing.T) {
+	l := newTestLoop(t)
+	in := make(chan *asynctcp.Socket, 1)
+	release := make(chan struct{})
+	events := make(chan error, 1)
+	read := func(s *asynctcp.Socket, data []byte) {
+		signal(in, s)
+		<-release
+	}
+	_, port := listenLocal(t, l, read, func(err error) { signal(events, err) })
+	peer := dialRaw(t, port)
+	if _, err := peer.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	s := waitFor(t, in, "read-cb")
+	closed := make(chan error, 1)
+	go func() { closed <- s.Conn().Close() }()
+	expectNone(t, closed, 50*time.Millisecond, "Conn().Close while the read-cb runs")
+	close(release)
+	if err := waitFor(t, closed, "Conn().Close after the read-cb returned"); err != nil {
+		t.Errorf("Conn().Close = %v, want nil", err)
+	}
+	ev := waitFor(t, events, "the event of a socket whose conn was closed under it")
+	if !errors.Is(ev, net.ErrClosed) {
+		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
+	}
+	l.Exit(nil)
+	waitLoopClean(t, l, waitTimeout)
+}
