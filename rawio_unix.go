@@ -70,9 +70,14 @@ func (r *rawIO) readFD(fd uintptr) bool {
 		putBuf(b) // hold no buffer while waiting
 		return false
 	}
-	if err == nil && n > 0 && n < r.rmax && r.next != nil {
-		// The read emptied the kernel's queue: the next read would find
-		// nothing, so wait for readiness first (see readSome).
+	if err == nil && n > 0 && n <= r.rmax/2 && r.next != nil {
+		// The read emptied the kernel's queue, far from filling its room:
+		// the end of a message, whose answer comes later, so the next read
+		// would find nothing: wait for readiness first (see readSome). A
+		// read that came close to filling its room is taken as part of a
+		// stream whose next bytes are on their way: the caller reads again
+		// at once, which finds them without a trip through the poller
+		// (bulk echo measured 3% slower waiting after such reads).
 		room, ok := r.next(b, n)
 		if ok {
 			r.rmax = room
@@ -85,8 +90,8 @@ func (r *rawIO) readFD(fd uintptr) bool {
 }
 
 // readSome reads at most max bytes into a pooled buffer, which the caller
-// returns with putBuf. Where next is not nil, a read that returns less
-// than it asked for goes to next instead, which takes the buffer and
+// returns with putBuf. Where next is not nil, a read that returns at most
+// half of what it asked for goes to next instead, which takes the buffer and
 // grants the next read's size, and readSome waits for readiness and reads
 // on within the same descriptor read: a read that would only find nothing
 // (the kernel's queue was empty when the last read returned) is not made,

@@ -61,7 +61,7 @@ func (s *Socket) hop() error { return s.reads(false) }
 // callbacks yet.
 //
 // On the descriptor path a read that empties the kernel's queue (it
-// returns less than it asked for) is handed on from inside the
+// returns at most half of what it asked for) is handed on from inside the
 // descriptor's read (next), and the reader then waits for readiness
 // there, without the read that would only find nothing: one read and one
 // write per echo, as an event loop makes. So the socket holds the conn's
