@@ -422,11 +422,13 @@ func (s *Socket) writeClosedLocked() bool {
 // addresses and settings (SetNoDelay, SetLinger, CloseWrite and the like).
 // The socket reads and writes it and sets its deadlines: close the socket,
 // not the conn, and do not read the conn. A TCP or Unix socket holds its
-// conn's read side while its read-cb runs (it reads on from there without
-// a system call that would find nothing), so a Close or Read of the conn
-// waits until the read-cb returns: made inside one of the socket's
-// callbacks (inside any callback of a Serial loop), it never returns. An idle socket, with no read under way,
-// notices a conn closed under it only at its next write.
+// conn's read side from one read to the next, read-cb included (it waits
+// for more input there without a system call that would find nothing), so
+// a Close or Read of the conn waits for as long as a read-cb runs or
+// reading stays disabled under a read: made inside one of the socket's
+// callbacks (inside any callback of a Serial loop), it never returns. An
+// idle socket, with no read under way, notices a conn closed under it
+// only at its next write.
 func (s *Socket) Conn() net.Conn {
 	if s == nil {
 		return nil
