@@ -28,6 +28,9 @@ func TestInputDuringReadCbIsRead(t *testing.T) {
 		{"serial", true, nil},
 		{"reuse", false, []asynctcp.Option{asynctcp.ReuseReadBuffer()}},
 		{"read timeout", false, []asynctcp.Option{asynctcp.ReadTimeout(time.Minute)}},
+		// A small burst: reads get little room, and a turn with no tokens
+		// left goes back to the reader's loop to wait for them.
+		{"read rate", false, []asynctcp.Option{asynctcp.ReadRate(64<<10, 16)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newTestLoop(t)
