@@ -727,30 +727,7 @@ func floodPeerPattern(t *testing.T, c net.Conn, written *atomic.Int64) (stop fun
 		written.Store(int64(off))
 		return p
 	}
-	c.SetWriteDeadline(time.Now().Add(waitTimeout))
-	if _, err := c.Write(next()); err != nil {
-		t.Fatalf("peer's first write: %v", err)
-	}
-	c.SetWriteDeadline(time.Time{})
-	quit := make(chan struct{})
-	var once sync.Once
-	stop = func() { once.Do(func() { close(quit) }) }
-	ch := make(chan error, 1)
-	goOwned(t, "pattern flood", func() {
-		for {
-			select {
-			case <-quit:
-				ch <- nil
-				return
-			default:
-			}
-			if _, err := c.Write(next()); err != nil {
-				ch <- err
-				return
-			}
-		}
-	}, closerFunc(stop), c)
-	return stop, ch
+	return floodPeerWith(t, c, next)
 }
 
 // caStreamResult is what caReadPattern read: n bytes, all of them the

@@ -561,8 +561,14 @@ func sendInRandomChunks(c net.Conn, data []byte, seed int64) <-chan error {
 // The test's cleanup stops it, closes c and waits for it.
 func floodPeer(t *testing.T, c net.Conn, chunk []byte) (stop func(), done <-chan error) {
 	t.Helper()
+	return floodPeerWith(t, c, func() []byte { return chunk })
+}
+
+// floodPeerWith is floodPeer writing what next returns, one call per write.
+func floodPeerWith(t *testing.T, c net.Conn, next func() []byte) (stop func(), done <-chan error) {
+	t.Helper()
 	c.SetWriteDeadline(time.Now().Add(waitTimeout))
-	if _, err := c.Write(chunk); err != nil {
+	if _, err := c.Write(next()); err != nil {
 		t.Fatalf("peer's first write: %v", err)
 	}
 	c.SetWriteDeadline(time.Time{})
@@ -578,7 +584,7 @@ func floodPeer(t *testing.T, c net.Conn, chunk []byte) (stop func(), done <-chan
 				return
 			default:
 			}
-			if _, err := c.Write(chunk); err != nil {
+			if _, err := c.Write(next()); err != nil {
 				ch <- err
 				return
 			}
