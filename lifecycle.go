@@ -294,7 +294,7 @@ func (s *Socket) lingersLocked() bool {
 	if s.rside != draining || !s.late {
 		return false
 	}
-	_, ok := s.conn.(interface{ CloseWrite() error })
+	_, ok := s.conn.(closeWriter)
 	return ok
 }
 

@@ -115,7 +115,7 @@ func (s *Socket) CloseWrite() error {
 	if s.closer != nobody || s.wside != writeOpen {
 		return closedError(s)
 	}
-	if _, ok := s.conn.(interface{ CloseWrite() error }); s.conn != nil && !ok {
+	if _, ok := s.conn.(closeWriter); s.conn != nil && !ok {
 		return &Event{Class: ErrTCPError, Socket: s, Code: -1, Dir: EvWrite,
 			Msg: fmt.Sprintf("%T cannot half-close", s.conn), Err: errors.ErrUnsupported}
 	}
@@ -364,11 +364,15 @@ func (s *Socket) writeFailedLocked(err error) func() {
 	return s.claimLocked(ev)
 }
 
+// closeWriter is a conn that can shut its write side alone (TCP, Unix,
+// TLS): CloseWrite, and a lingering close, need one.
+type closeWriter interface{ CloseWrite() error }
+
 // shutWrite shuts the write side of the conn (CloseWrite); once the peer
 // has shut its side too, the socket closes by itself.
 func (s *Socket) shutWrite() {
 	err := errors.ErrUnsupported
-	if cw, ok := s.conn.(interface{ CloseWrite() error }); ok {
+	if cw, ok := s.conn.(closeWriter); ok {
 		err = cw.CloseWrite()
 	}
 	s.mu.Lock()
