@@ -54,15 +54,24 @@ func (s *Socket) runClaimed(claimed, inline bool) {
 	switch {
 	case !claimed:
 	case inline:
-		s.runJobs()
+		s.runJobs(true)
 	default:
-		s.grp.Go(func() error { s.runJobs(); return nil })
+		s.grp.Go(s.dispatcher)
 	}
 }
 
+// dispatcher runs the queue on a goroutine of its own. The caller has
+// claimed it.
+func (s *Socket) dispatcher() error {
+	s.runJobs(true)
+	return nil
+}
+
 // runJobs runs the queue's jobs until it is empty, then gives it up. The
-// caller has claimed it.
-func (s *Socket) runJobs() {
+// caller has claimed it. Where wait is false (the reader, inside the
+// descriptor's read: see reads) and a Serial loop's callback lock is
+// taken, a dispatcher takes the queue over instead of waiting.
+func (s *Socket) runJobs(wait bool) {
 	for {
 		s.qmu.Lock()
 		if len(s.queue) == 0 {
@@ -71,29 +80,55 @@ func (s *Socket) runJobs() {
 			s.qmu.Unlock()
 			return
 		}
-		job := s.queue[0]
+		s.qmu.Unlock()
+		held, ok := s.loop.enter(wait)
+		if !ok {
+			s.grp.Go(s.dispatcher)
+			return
+		}
+		s.qmu.Lock()
+		job := s.queue[0] // still there: only the runner takes jobs
 		s.queue[0] = nil
 		s.queue = s.queue[1:]
 		s.qmu.Unlock()
-		held := s.loop.enter()
 		job()
 		s.loop.leave(held)
 	}
 }
 
 // dispatchRead runs the read-cb on the queue and waits for it. It reports
-// false where reading was disabled before the callback started: the data
-// is then still the reader's.
-func (s *Socket) dispatchRead(data []byte) bool {
+// heldBack where reading was disabled before the callback started, and,
+// where wait is false, where the read-cb cannot start at once: the queue
+// is another goroutine's, or a Serial loop's callback lock is taken. The
+// data is then still the reader's.
+func (s *Socket) dispatchRead(data []byte, wait bool) handed {
+	held, ok := false, true
+	if !wait {
+		// The lock before the queue: a claimed queue would have to be
+		// handed on where the lock then proved taken.
+		if held, ok = s.loop.enter(false); !ok {
+			return heldBack
+		}
+	}
 	s.qmu.Lock()
 	if len(s.queue) == 0 && s.claimQueueLocked() {
 		// The queue is idle: run the read-cb here, without queueing it.
 		s.qmu.Unlock()
-		held := s.loop.enter()
-		ok := s.readJob(data)
+		if wait {
+			held, _ = s.loop.enter(true)
+		}
+		ran := s.readJob(data)
 		s.loop.leave(held)
-		s.runJobs()
-		return ok
+		s.runJobs(wait)
+		if !ran {
+			return heldBack
+		}
+		return passedOn
+	}
+	if !wait {
+		s.qmu.Unlock()
+		s.loop.leave(held)
+		return heldBack
 	}
 	if s.readResult == nil {
 		s.readResult = make(chan bool, 1)
@@ -103,7 +138,10 @@ func (s *Socket) dispatchRead(data []byte) bool {
 	claimed := s.claimQueueLocked()
 	s.qmu.Unlock()
 	s.runClaimed(claimed, true)
-	return <-result
+	if !<-result {
+		return heldBack
+	}
+	return passedOn
 }
 
 // readJob runs the read-cb with data, unless the socket is closed (the

@@ -67,7 +67,7 @@ func (s *Socket) reportEnd() {
 		end()
 	}
 	if run {
-		held := s.loop.enter()
+		held, _ := s.loop.enter(true)
 		if pe := s.loop.call(func() { cb(s, err) }, s); pe != nil {
 			s.loop.handle(pe)
 		}

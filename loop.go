@@ -187,13 +187,18 @@ func (l *Loop) idleLocked() {
 }
 
 // enter takes the loop's callback lock where the loop is Serial, and
-// reports whether it did; leave gives it back.
-func (l *Loop) enter() bool {
-	if !l.Serial {
-		return false
+// reports whether it did (held); leave gives it back. Where wait is false
+// and the lock is taken, it takes nothing and reports !ok.
+func (l *Loop) enter(wait bool) (held, ok bool) {
+	switch {
+	case !l.Serial:
+		return false, true
+	case wait:
+		l.serial.Lock()
+		return true, true
 	}
-	l.serial.Lock()
-	return true
+	ok = l.serial.TryLock()
+	return ok, ok
 }
 
 func (l *Loop) leave(held bool) {

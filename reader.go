@@ -65,32 +65,48 @@ func (s *Socket) hop() error { return s.reads(false) }
 // descriptor's read (next), and the reader then waits for readiness
 // there, without the read that would only find nothing: one read and one
 // write per echo, as an event loop makes. So the socket holds the conn's
-// read side while a read-cb runs (Conn says what that rules out).
+// read side while such a read-cb runs (Conn says what that rules out).
+// Inside the descriptor's read the reader waits for nothing but the
+// read-cb itself: input that could not be passed on at once (reading
+// disabled, the callback queue another goroutine's, a Serial loop's
+// callback lock taken) is held, and passed on by the loop below, after
+// the descriptor's read has returned; and so is a turn that would wait
+// (beforeRead).
 func (s *Socket) reads(worked bool) error {
 	input := false   // the last read brought bytes: the read timeout starts afresh
 	stopped := false // the socket no longer reads: the reader ends
+	var held chunk   // input next could not pass on without waiting
 	var turn readTurn
-	// took hands on the n bytes read into buf; it reports false once the
-	// socket no longer reads.
-	took := func(buf *[]byte, n int) bool {
+	// took hands on the n bytes read into buf, waiting where wait is set
+	// (and where it is not, holding what would have to wait).
+	took := func(buf *[]byte, n int, wait bool) handed {
 		turn.grant.settle(n)
 		s.bytesRead.Add(int64(n))
 		worked = true
 		if turn.discard {
 			putBuf(buf)
-			return true
+			return passedOn
 		}
-		return s.received(buf, n)
+		c := s.chunkOf(buf, n)
+		h := s.received(c, wait)
+		if h == heldBack {
+			held = c
+		}
+		return h
 	}
 	var next func(buf *[]byte, n int) (int, bool)
 	if s.raw != nil {
 		// next takes a read that emptied the kernel's queue and grants the
 		// next read without waiting; false hands the turn back to the loop
-		// below, which waits where it must, or ends.
+		// below, which passes on what is held, waits where it must, or
+		// ends.
 		next = func(buf *[]byte, n int) (int, bool) {
 			input = true
-			if !took(buf, n) {
+			switch took(buf, n, false) {
+			case readEnded:
 				stopped = true
+				return 0, false
+			case heldBack:
 				return 0, false
 			}
 			t, ok := s.beforeRead(worked, true, false)
@@ -99,6 +115,13 @@ func (s *Socket) reads(worked bool) error {
 		}
 	}
 	for {
+		if held.b != nil {
+			c := held
+			held = chunk{}
+			if s.received(c, true) == readEnded {
+				return nil
+			}
+		}
 		var ok bool
 		if turn, ok = s.beforeRead(worked, input, true); !ok {
 			return nil
@@ -120,7 +143,7 @@ func (s *Socket) reads(worked bool) error {
 		input = n > 0
 		if !input {
 			turn.grant.settle(0)
-		} else if !took(buf, n) {
+		} else if took(buf, n, true) == readEnded {
 			return nil
 		}
 		if err == nil {
@@ -350,30 +373,56 @@ func (s *Socket) sleepLocked(d time.Duration) {
 	t.Stop()
 }
 
-// received passes the n bytes read into buf to the read-cb, and gives buf
-// back to the pool; in stream mode the input buffer takes them, and buf
-// with them. It reports false once the socket no longer reads.
-func (s *Socket) received(buf *[]byte, n int) bool {
+// handed says what became of input the reader passed on.
+type handed uint8
+
+const (
+	passedOn  handed = iota // the read-cb or the input buffer took it (or dropped it, draining): read on
+	readEnded               // the socket no longer reads: the reader ends
+	heldBack                // passing it on would wait: it is still the reader's (see received)
+)
+
+// chunkOf makes the n bytes read into buf a chunk for the read-cb: a fresh
+// copy, which the read-cb may keep, and buf back to the pool, so that no
+// buffer is held while the read-cb waits or runs; buf itself with
+// ReuseReadBuffer or Pipe's relay (valid until the read-cb returns), and
+// in stream mode (the input buffer takes buf).
+func (s *Socket) chunkOf(buf *[]byte, n int) chunk {
 	p := (*buf)[:n]
-	if !s.streaming && (s.reuse || s.relaying.Load()) {
-		more := s.deliver(p) // valid until the read-cb returns
-		putBuf(buf)
-		return more
+	if s.streaming || s.reuse || s.relaying.Load() {
+		return chunk{p, buf}
 	}
+	data := make([]byte, n) // fresh: the read-cb may keep it
+	copy(data, p)
+	putBuf(buf)
+	return chunk{data, nil}
+}
+
+// received passes c to the read-cb, or in stream mode to the input
+// buffer, and gives its buffer back. Where wait is false (the reader is
+// inside the descriptor's read), it passes c on only where that needs no
+// wait, and otherwise keeps it and reports heldBack: the caller passes it
+// again with wait set.
+func (s *Socket) received(c chunk, wait bool) handed {
 	if !s.streaming {
-		data := make([]byte, n) // fresh: the read-cb may keep it
-		copy(data, p)
-		putBuf(buf) // not held while the read-cb waits or runs
-		return s.deliver(data)
+		h := s.deliver(c.b, wait)
+		if h != heldBack {
+			c.release()
+		}
+		return h
 	}
 	s.mu.Lock()
+	if !wait && s.heldByDisableLocked() {
+		s.mu.Unlock()
+		return heldBack
+	}
 	if !s.awaitReadingLocked() { // read before a Disable: the input waits for Enable
 		more := s.readerWorkLocked() // closed meanwhile: drain on, or end
 		s.mu.Unlock()
-		putBuf(buf)
-		return more
+		c.release()
+		return ended(more)
 	}
-	s.in.add(buf, n) // the input owns buf from here
+	s.in.add(c.pool, len(c.b)) // the input owns the buffer from here
 	wake(&s.inWait)
 	// Without a read-cb there is nobody to tell: a stream read takes the
 	// input. (Pipe announces what is buffered when it sets its read-cb.)
@@ -383,32 +432,52 @@ func (s *Socket) received(buf *[]byte, n int) bool {
 		s.dispatch(s.notify, false)
 	}
 	s.mu.Unlock()
-	return true
+	return passedOn
 }
 
-// deliver hands data to the read-cb, waiting while reading is disabled. It
-// reports false once the socket no longer reads; where it was closed
-// meanwhile and drains, data is dropped and the reader reads on.
-func (s *Socket) deliver(data []byte) bool {
+// ended is readEnded where the reader reads no more, else passedOn.
+func ended(more bool) handed {
+	if more {
+		return passedOn
+	}
+	return readEnded
+}
+
+// deliver hands data to the read-cb, waiting while reading is disabled
+// (where wait is false it reports heldBack instead, as dispatchRead does
+// where the read-cb cannot start at once). It reports readEnded once the
+// socket no longer reads; where it was closed meanwhile and drains, data
+// is dropped and the reader reads on.
+func (s *Socket) deliver(data []byte, wait bool) handed {
 	for {
 		s.mu.Lock()
+		if !wait && s.heldByDisableLocked() {
+			s.mu.Unlock()
+			return heldBack
+		}
 		up := s.awaitReadingLocked()
 		more := up || s.readerWorkLocked() // asked only once closed
 		s.mu.Unlock()
 		if !up {
-			return more
+			return ended(more)
 		}
-		if s.dispatchRead(data) {
-			return true
+		if h := s.dispatchRead(data, wait); h == passedOn || !wait {
+			return h
 		}
 	}
+}
+
+// heldByDisableLocked reports whether input read now waits for Enable
+// (awaitReadingLocked). mu is held.
+func (s *Socket) heldByDisableLocked() bool {
+	return s.phase == open && s.enabled&EvRead == 0
 }
 
 // awaitReadingLocked holds bytes the reader has read while reading is
 // disabled: it waits for Enable, and reports whether the socket is still
 // open then. mu is held.
 func (s *Socket) awaitReadingLocked() bool {
-	for s.phase == open && s.enabled&EvRead == 0 {
+	for s.heldByDisableLocked() {
 		s.cond.Wait()
 	}
 	return s.phase == open

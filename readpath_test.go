@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -96,6 +97,115 @@ func TestConnClosedUnderReadCbWaitsForIt(t *testing.T) {
 	}
 	ev := waitFor(t, events, "the event of a socket whose conn was closed under it")
 	if !errors.Is(ev, net.ErrClosed) {
+		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
+	}
+	l.Exit(nil)
+	waitLoopClean(t, l, waitTimeout)
+}
+
+// closeConnWithin closes s's conn on another goroutine and reports whether
+// that returned within d. A callback that calls it and finds false returns
+// anyway, which ends the deadlock a hanging Close would otherwise be, so
+// that the test fails instead of hanging.
+func closeConnWithin(s *asynctcp.Socket, d time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		s.Conn().Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// On a Serial loop, a callback of one socket closes another socket's conn
+// while input for that socket has arrived: that socket's reader, which
+// read the input inside its descriptor's read, cannot run its read-cb
+// until the callback returns, so it must not wait for the callback lock
+// there, where it holds the conn's read side that Close waits for.
+func TestSerialCallbackClosesOtherConnUnderItsInput(t *testing.T) {
+	l := newTestLoop(t)
+	l.Serial = true
+	first := make(chan *asynctcp.Socket, 1)
+	closed := make(chan bool, 1)
+	events := make(chan error, 2)
+	var peerA net.Conn
+	var sockA *asynctcp.Socket
+	read := func(s *asynctcp.Socket, data []byte) {
+		switch string(data) {
+		case "a1":
+			signal(first, s)
+		case "b":
+			// Input for A arrives while this callback holds the lock, and
+			// A's reader reads it meanwhile.
+			if _, err := peerA.Write([]byte("a2")); err != nil {
+				t.Errorf("write a2: %v", err)
+			}
+			time.Sleep(50 * time.Millisecond) // A's reader reads a2 (not a synchronization)
+			signal(closed, closeConnWithin(sockA, 2*time.Second))
+		}
+	}
+	_, port := listenLocal(t, l, read, func(err error) { signal(events, err) })
+	peerA = dialRaw(t, port)
+	if _, err := peerA.Write([]byte("a1")); err != nil {
+		t.Fatal(err)
+	}
+	sockA = waitFor(t, first, "A's read-cb")
+	peerB := dialRaw(t, port)
+	if _, err := peerB.Write([]byte("b")); err != nil {
+		t.Fatal(err)
+	}
+	if !waitFor(t, closed, "B's read-cb closing A's conn") {
+		t.Fatal("A's Conn().Close inside B's read-cb did not return within 2s")
+	}
+	if ev := waitFor(t, events, "A's event after its conn was closed"); !errors.Is(ev, net.ErrClosed) {
+		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
+	}
+	l.Exit(nil)
+	waitLoopClean(t, l, waitTimeout)
+}
+
+// A write-cb runs on a goroutine of its own while input arrives: the
+// reader, which read the input inside its descriptor's read, must not
+// wait there for the busy callback queue, or a Close of the conn inside
+// that write-cb would wait for the reader, and the reader for it.
+func TestWriteCbClosesConnUnderInput(t *testing.T) {
+	l := newTestLoop(t)
+	up := make(chan *asynctcp.Socket, 1)
+	closed := make(chan bool, 1)
+	events := make(chan error, 1)
+	var once sync.Once
+	var peer net.Conn
+	read := func(s *asynctcp.Socket, data []byte) {
+		if string(data) == "hello" {
+			signal(up, s)
+		}
+	}
+	write := func(s *asynctcp.Socket) {
+		once.Do(func() {
+			if _, err := peer.Write([]byte("more")); err != nil {
+				t.Errorf("write: %v", err)
+			}
+			time.Sleep(50 * time.Millisecond) // the reader reads it (not a synchronization)
+			signal(closed, closeConnWithin(s, 2*time.Second))
+		})
+	}
+	_, port := listenLocal(t, l, read, func(err error) { signal(events, err) }, asynctcp.OnWrite(write))
+	peer = dialRaw(t, port)
+	if _, err := peer.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	s := waitFor(t, up, "read-cb")
+	if err := s.WriteData([]byte("answer")); err != nil { // its write-cb runs on a dispatcher
+		t.Fatal(err)
+	}
+	if !waitFor(t, closed, "the write-cb closing the conn") {
+		t.Fatal("Conn().Close inside the write-cb did not return within 2s while input waited")
+	}
+	if ev := waitFor(t, events, "the event after the conn was closed"); !errors.Is(ev, net.ErrClosed) {
 		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
 	}
 	l.Exit(nil)

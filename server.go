@@ -86,7 +86,7 @@ func (srv *Server) pause(d time.Duration) bool {
 func (srv *Server) acceptFailed(err error) {
 	ev := newEvent(nil, err)
 	ev.Class, ev.Server, ev.Listener = ErrTCPAcceptError, srv, srv.ln
-	held := srv.loop.enter()
+	held, _ := srv.loop.enter(true)
 	defer srv.loop.leave(held)
 	cb := srv.event
 	if cb == nil {

@@ -27,11 +27,14 @@ import (
 //     Stream.Read for input that only the reader can bring. On a
 //     descriptor (rawIO), a read that empties the kernel's queue is handed
 //     on from inside the descriptor's read, which then waits for readiness
-//     with no read that would find nothing: the conn's read side is held
-//     while the read-cb runs, so the conn is closed by the finisher alone
-//     (Abort leaves it to it). It ends when
-//     the read side stops (EOF, a failure, teardown, the end of a
-//     linger), when reading is disabled (paused: Enable starts another), or
+//     with no read that would find nothing. There it waits for nothing
+//     but the read-cb (and the jobs queued meanwhile, which it runs after
+//     it where it needs no lock to): input it cannot pass on at once is
+//     passed on after the descriptor's read has returned. The conn's read
+//     side is held while the read-cb runs, so the conn is closed by the
+//     finisher alone (Abort leaves it to it). It ends when the read side
+//     stops (EOF, a failure, teardown, the end of a linger), when reading
+//     is disabled (paused: Enable starts another), or
 //     once the socket has been idle for longer than usual (hopWaitLocked):
 //     then it parks the socket (park: on Linux, the descriptor waits in
 //     the loop's epoll set, with no goroutine) or, where it cannot, starts
@@ -424,11 +427,12 @@ func (s *Socket) writeClosedLocked() bool {
 // not the conn, and do not read the conn. A TCP or Unix socket holds its
 // conn's read side from one read to the next, read-cb included (it waits
 // for more input there without a system call that would find nothing), so
-// a Close or Read of the conn waits for as long as a read-cb runs or
-// reading stays disabled under a read: made inside one of the socket's
-// callbacks (inside any callback of a Serial loop), it never returns. An
-// idle socket, with no read under way, notices a conn closed under it
-// only at its next write.
+// a Close or Read of the conn waits until the socket's running callback
+// returns: made inside one of the socket's own callbacks, it never
+// returns. (The socket runs a read-cb there only where it can start at
+// once, so a callback of another socket, on a Serial loop too, is not
+// held up by it.) An idle socket, with no read under way, notices a conn
+// closed under it only at its next write.
 func (s *Socket) Conn() net.Conn {
 	if s == nil {
 		return nil

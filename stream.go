@@ -121,7 +121,8 @@ type input struct {
 	n      int // bytes buffered
 }
 
-// chunk is a run of buffered bytes. Where b lies in a pooled read buffer,
+// chunk is a run of bytes read: buffered in stream mode, or on its way to
+// a read-cb (received). Where b lies in a pooled read buffer,
 // pool is that buffer: it is owned by whoever holds the chunk, and given
 // back with putBuf once nothing refers to it. A chunk whose bytes code
 // that may keep a slice has seen is never given back (the garbage
