@@ -597,3 +597,43 @@ func floodPeerWith(t *testing.T, c net.Conn, next func() []byte) (stop func(), d
 type closerFunc func()
 
 func (f closerFunc) Close() error { f(); return nil }
+
+// closeConnWithin closes s's conn on another goroutine and reports whether
+// that returned within d. A callback that calls it and finds false returns
+// anyway, which ends the deadlock a hanging Close would otherwise be, so
+// that the test fails instead of hanging.
+func closeConnWithin(s *asynctcp.Socket, d time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		s.Conn().Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// wantConnClosedInCallback checks that a callback's closeConnWithin
+// returned in time (closed), then wantConnClosedEvent.
+func wantConnClosedInCallback(t *testing.T, l *asynctcp.Loop, closed <-chan bool, events <-chan error, what string) {
+	t.Helper()
+	if !waitFor(t, closed, what) {
+		t.Fatalf("%s did not return within 2s", what)
+	}
+	wantConnClosedEvent(t, l, events)
+}
+
+// wantConnClosedEvent checks that a socket whose conn was closed under it
+// ended with an event matching net.ErrClosed, then exits l and waits for
+// it to empty.
+func wantConnClosedEvent(t *testing.T, l *asynctcp.Loop, events <-chan error) {
+	t.Helper()
+	if ev := waitFor(t, events, "the event of a socket whose conn was closed under it"); !errors.Is(ev, net.ErrClosed) {
+		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
+	}
+	l.Exit(nil)
+	waitLoopClean(t, l, waitTimeout)
+}

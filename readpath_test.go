@@ -1,7 +1,6 @@
 package asynctcp_test
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"sync"
@@ -95,30 +94,7 @@ func TestConnClosedUnderReadCbWaitsForIt(t *testing.T) {
 	if err := waitFor(t, closed, "Conn().Close after the read-cb returned"); err != nil {
 		t.Errorf("Conn().Close = %v, want nil", err)
 	}
-	ev := waitFor(t, events, "the event of a socket whose conn was closed under it")
-	if !errors.Is(ev, net.ErrClosed) {
-		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
-	}
-	l.Exit(nil)
-	waitLoopClean(t, l, waitTimeout)
-}
-
-// closeConnWithin closes s's conn on another goroutine and reports whether
-// that returned within d. A callback that calls it and finds false returns
-// anyway, which ends the deadlock a hanging Close would otherwise be, so
-// that the test fails instead of hanging.
-func closeConnWithin(s *asynctcp.Socket, d time.Duration) bool {
-	done := make(chan struct{})
-	go func() {
-		s.Conn().Close()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return true
-	case <-time.After(d):
-		return false
-	}
+	wantConnClosedEvent(t, l, events)
 }
 
 // On a Serial loop, a callback of one socket closes another socket's conn
@@ -158,14 +134,7 @@ func TestSerialCallbackClosesOtherConnUnderItsInput(t *testing.T) {
 	if _, err := peerB.Write([]byte("b")); err != nil {
 		t.Fatal(err)
 	}
-	if !waitFor(t, closed, "B's read-cb closing A's conn") {
-		t.Fatal("A's Conn().Close inside B's read-cb did not return within 2s")
-	}
-	if ev := waitFor(t, events, "A's event after its conn was closed"); !errors.Is(ev, net.ErrClosed) {
-		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
-	}
-	l.Exit(nil)
-	waitLoopClean(t, l, waitTimeout)
+	wantConnClosedInCallback(t, l, closed, events, "A's Conn().Close inside B's read-cb")
 }
 
 // A write-cb runs on a goroutine of its own while input arrives: the
@@ -202,12 +171,5 @@ func TestWriteCbClosesConnUnderInput(t *testing.T) {
 	if err := s.WriteData([]byte("answer")); err != nil { // its write-cb runs on a dispatcher
 		t.Fatal(err)
 	}
-	if !waitFor(t, closed, "the write-cb closing the conn") {
-		t.Fatal("Conn().Close inside the write-cb did not return within 2s while input waited")
-	}
-	if ev := waitFor(t, events, "the event after the conn was closed"); !errors.Is(ev, net.ErrClosed) {
-		t.Errorf("event = %v, want one matching net.ErrClosed", ev)
-	}
-	l.Exit(nil)
-	waitLoopClean(t, l, waitTimeout)
+	wantConnClosedInCallback(t, l, closed, events, "Conn().Close inside the write-cb, with input waiting")
 }
