@@ -608,12 +608,16 @@ func TestPauseCloseAbortExitOfPausedSocket(t *testing.T) {
 // and from inside the read-cbs, while 40 clients echo messages of random
 // sizes: once every socket is enabled every echo completes exactly; then
 // half close and half abort, each close-cb runs once, and the loop ends.
+// With a write-cb, which runs after each echo is written (on a dispatcher
+// or behind the read-cb), input often arrives while the callback queue is
+// busy or, on a Serial loop, the callback lock is taken: the reader then
+// hands it on after its descriptor read has returned.
 func TestPauseStorm(t *testing.T) {
-	for _, serial := range []bool{false, true} {
-		t.Run(fmt.Sprintf("serial=%v", serial), func(t *testing.T) {
+	for _, tc := range []struct{ serial, writeCb bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
+		t.Run(fmt.Sprintf("serial=%v,write-cb=%v", tc.serial, tc.writeCb), func(t *testing.T) {
 			const n = 40
 			l := newTestLoop(t)
-			l.Serial = serial
+			l.Serial = tc.serial
 			closes := newPzCloses()
 			var timers sync.WaitGroup
 			var cbToggles atomic.Int32
@@ -635,7 +639,16 @@ func TestPauseStorm(t *testing.T) {
 				}
 			}
 			onConnect, accepted := pzAccepted(n)
-			srv, port := listenLocal(t, l, read, func(error) {}, onConnect, closes.option())
+			opts := []asynctcp.Option{onConnect, closes.option()}
+			var writeCbs atomic.Int64
+			if tc.writeCb {
+				opts = append(opts, asynctcp.OnWrite(func(*asynctcp.Socket) {
+					if writeCbs.Add(1)%4 == 0 {
+						time.Sleep(50 * time.Microsecond) // a write-cb with some work in it
+					}
+				}))
+			}
+			srv, port := listenLocal(t, l, read, func(error) {}, opts...)
 			clients := make([]*net.TCPConn, n)
 			socks := make([]*asynctcp.Socket, n)
 			for i := range clients {
@@ -711,10 +724,13 @@ func TestPauseStorm(t *testing.T) {
 					t.Error(err)
 				}
 			}
-			t.Logf("%d echoes, %d Disable/Enable calls from the hammers, %d toggles in read-cbs",
-				echoes.Load(), hammered.Load(), cbToggles.Load())
+			t.Logf("%d echoes, %d Disable/Enable calls from the hammers, %d toggles in read-cbs, %d write-cbs",
+				echoes.Load(), hammered.Load(), cbToggles.Load(), writeCbs.Load())
 			if echoes.Load() < n {
 				t.Errorf("only %d echoes completed during the storm", echoes.Load())
+			}
+			if tc.writeCb && writeCbs.Load() == 0 {
+				t.Error("no write-cb ran")
 			}
 			for i, err := range closeHalfAbortHalf(socks) {
 				if err != nil {
