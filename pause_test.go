@@ -611,10 +611,17 @@ func TestPauseCloseAbortExitOfPausedSocket(t *testing.T) {
 // With a write-cb, which runs after each echo is written (on a dispatcher
 // or behind the read-cb), input often arrives while the callback queue is
 // busy or, on a Serial loop, the callback lock is taken: the reader then
-// hands it on after its descriptor read has returned.
+// hands it on after its descriptor read has returned. With a read timeout
+// far longer than the storm, no timeout may fire: a Disable wakes a
+// blocked read with a deadline in the past, and an Enable that moves the
+// deadline on before the reader looks must not turn that wake into a
+// timeout.
 func TestPauseStorm(t *testing.T) {
-	for _, tc := range []struct{ serial, writeCb bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
-		t.Run(fmt.Sprintf("serial=%v,write-cb=%v", tc.serial, tc.writeCb), func(t *testing.T) {
+	for _, tc := range []struct{ serial, writeCb, timeout bool }{
+		{false, false, false}, {true, false, false}, {false, true, false}, {true, true, false},
+		{false, true, true}, {true, false, true},
+	} {
+		t.Run(fmt.Sprintf("serial=%v,write-cb=%v,read-timeout=%v", tc.serial, tc.writeCb, tc.timeout), func(t *testing.T) {
 			const n = 40
 			l := newTestLoop(t)
 			l.Serial = tc.serial
@@ -648,7 +655,16 @@ func TestPauseStorm(t *testing.T) {
 					}
 				}))
 			}
-			srv, port := listenLocal(t, l, read, func(error) {}, opts...)
+			if tc.timeout {
+				opts = append(opts, asynctcp.ReadTimeout(time.Minute))
+			}
+			var timeouts atomic.Int32
+			event := func(err error) {
+				if errors.Is(err, asynctcp.ErrTCPTimeout) {
+					timeouts.Add(1)
+				}
+			}
+			srv, port := listenLocal(t, l, read, event, opts...)
 			clients := make([]*net.TCPConn, n)
 			socks := make([]*asynctcp.Socket, n)
 			for i := range clients {
@@ -731,6 +747,9 @@ func TestPauseStorm(t *testing.T) {
 			}
 			if tc.writeCb && writeCbs.Load() == 0 {
 				t.Error("no write-cb ran")
+			}
+			if n := timeouts.Load(); n > 0 {
+				t.Errorf("%d read timeouts of a minute fired during a storm of under a second", n)
 			}
 			for i, err := range closeHalfAbortHalf(socks) {
 				if err != nil {

@@ -175,7 +175,7 @@ func (s *Socket) park() bool {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.readerWorkLocked() || (s.rclock != 0 && s.rclock <= monotime()) || s.loop.park.addLocked(s) != nil {
+	if !s.readerWorkLocked() || s.readClockPassedLocked() || s.loop.park.addLocked(s) != nil {
 		return false
 	}
 	s.reader = readerParked
@@ -184,6 +184,10 @@ func (s *Socket) park() bool {
 	}
 	return true
 }
+
+// readClockPassedLocked reports whether the read clock (rclock: the read
+// timeout, or a lingering close's bound) has run out. mu is held.
+func (s *Socket) readClockPassedLocked() bool { return s.rclock != 0 && s.rclock <= monotime() }
 
 // armReadTimerLocked sets the read timer of a parked socket to when its
 // read timeout passes. mu is held.
@@ -505,11 +509,15 @@ func (s *Socket) readFailed(err error, gen uint64) int {
 			// A timeout again, with no deadline set since the last one:
 			// the conn keeps failing its reads (a wrapper whose timeout
 			// sticks). Reading again would spin: the socket ends with it.
-		case s.rdl != rdlTimeout || gen != s.rgen || s.rtimeout == 0 || s.enabled&EvRead == 0:
+		case s.rdl != rdlTimeout || gen != s.rgen || s.rtimeout == 0 || s.enabled&EvRead == 0 ||
+			!s.readClockPassedLocked():
 			// The deadline was moved under the read (Disable, SetTimeouts),
 			// or set by the application through Conn: not a timeout of
-			// this socket. beforeRead sets the deadline afresh, or clears
-			// it, so that it cannot fail every read that follows.
+			// this socket. A timeout counts only once its clock has run
+			// out: a Disable's wake (rdlWake) that an Enable or SetTimeouts
+			// turned into a timeout's deadline before the reader looked
+			// is a wake still. beforeRead sets the deadline afresh, or
+			// clears it, so that it cannot fail every read that follows.
 			s.rdl = rdlUnknown
 			s.mu.Unlock()
 			return readAgain

@@ -20,7 +20,9 @@ import (
 // to arm a linger), or a lingering close's lull and end (rdlLinger).
 // Where the read timeout is lifted under a blocked read (Disable,
 // SetTimeouts), rgen is bumped, so that the reader tells a stale timeout
-// from a real one.
+// from a real one; and a timeout counts only once its clock has run out
+// (readClockPassedLocked), since a wake that an Enable turned into the
+// timeout's deadline before the reader looked keeps rdlTimeout and rgen.
 //
 // The write timeout (the write clock) runs while output is queued and may
 // be written: writing is enabled, or the socket flushes or shuts its write
