@@ -79,12 +79,13 @@ func caDial(t *testing.T, port int) *net.TCPConn {
 // closed once Close (or Abort) returned nil, and every read-cb, write-cb
 // and event-cb that starts after it counts as late.
 type caWatch struct {
-	closed  atomic.Bool
-	late    atomic.Int32
-	lateWhy chan string
-	events  atomic.Int32
-	closes  atomic.Int32
-	closeCh chan error
+	closed   atomic.Bool
+	late     atomic.Int32
+	lateWhy  chan string
+	events   atomic.Int32
+	closes   atomic.Int32
+	closeCh  chan error
+	closedAt atomic.Int64 // when the last close-cb ran (UnixNano)
 }
 
 func newCAWatch() *caWatch {
@@ -107,6 +108,7 @@ func (w *caWatch) event(ev error) {
 
 func (w *caWatch) onClose() asynctcp.Option {
 	return asynctcp.OnClose(func(_ *asynctcp.Socket, err error) {
+		w.closedAt.Store(time.Now().UnixNano())
 		w.closes.Add(1)
 		signal(w.closeCh, err)
 	})
@@ -499,7 +501,12 @@ func TestCATLSCloseWithTimeouts(t *testing.T) {
 				t.Logf("Exit ended the lingering TLS socket in %v", time.Since(start))
 				peer.Close()
 				waitFor(t, flood, "the flood's end")
-				if n := w.closes.Load(); n != 0 {
+				switch n := w.closes.Load(); {
+				case n == 1 && w.closedAt.Load() < start.UnixNano():
+					// The linger had ended by itself before Exit (a lull of
+					// the flood on a loaded machine): its close-cb is due.
+					t.Logf("the linger ended before Exit: nothing for Exit to end")
+				case n != 0:
 					t.Errorf("%d close-cbs after Exit, want none", n)
 				}
 				return
