@@ -5,7 +5,11 @@ package asynctcp
 // whoever finds it idle claims it (claimQueueLocked) and runs its jobs:
 // the reader inline, where it would wait for them anyway, or a dispatcher
 // goroutine. No job runs on the writer (a write-cb may block in
-// Stream.Write) or on an application's goroutine.
+// Stream.Write) or on an application's goroutine. Inside the descriptor's
+// read (see reads) the reader waits for no lock and no other runner
+// (wait false): where the callback lock is taken, a dispatcher takes the
+// queue over, and a read-cb that cannot start at once goes back to the
+// reader's loop.
 //
 // A job runs under the loop's callback lock (Loop.Serial), and each
 // callback checks that the socket may still run callbacks after taking
